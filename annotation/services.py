@@ -1,0 +1,341 @@
+"""Every write of the annotation side: leasing, judging, writing prompts, freezing batches.
+
+Services are keyword-only and atomic; bad input raises django.core.exceptions.ValidationError with
+a message meant for the person who sent it, and nothing is written.
+"""
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
+from django.http import Http404
+from django.utils import timezone
+
+from .models import (
+    Assignment,
+    Batch,
+    Comparison,
+    Judgment,
+    Prompt,
+    Response,
+    safety_bin_for,
+)
+from . import selectors
+
+HARM_CATEGORIES = (
+    "violence", "self_harm", "sexual", "hate", "harassment", "illegal_activity", "weapons",
+    "privacy", "misinformation", "malware", "other",
+)
+MAX_NOTE_LENGTH = 5000
+MAX_PROMPT_LENGTH = 20000
+MAX_LEASE_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class SafetyLabels:
+    a_safe: bool
+    b_safe: bool
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def batch_label(year: int, week: int) -> str:
+    return f"{year}-W{week:02d}"
+
+
+def batch_open_for(*, when: datetime | None = None) -> Batch:
+    """The weekly batch of `when`'s ISO week, created open if it does not exist yet."""
+    year, week, _ = timezone.localtime(when or timezone.now()).isocalendar()
+    batch, _ = Batch.objects.get_or_create(
+        kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week, defaults={"label": batch_label(year, week)}
+    )
+    return batch
+
+
+def test_slice_size(n_comparisons: int, *, size: int | None = None) -> int:
+    """The paper held out 1,000 comparisons per batch; smaller batches keep a fraction (10%)."""
+    if size is not None:
+        if not 0 <= size <= n_comparisons:
+            raise ValidationError(f"test size must be between 0 and {n_comparisons}, got {size}.")
+        return size
+    fraction = round(n_comparisons * settings.TANDEM_TEST_SLICE_FRACTION)
+    return min(settings.TANDEM_TEST_SLICE_SIZE, max(fraction, 1 if n_comparisons >= 2 else 0))
+
+
+def _held_out_order(batch: Batch, comparison_id: int) -> str:
+    # A deterministic shuffle: the same batch always holds out the same comparisons.
+    return hashlib.sha256(f"{batch.label}:{comparison_id}".encode()).hexdigest()
+
+
+@transaction.atomic
+def batch_freeze(*, batch: Batch, test_size: int | None = None) -> Batch:
+    """Freeze a batch: choose its held-out slice, hash its content, refuse every later change."""
+    batch = Batch.objects.select_for_update().get(pk=batch.pk)
+    if batch.is_frozen:
+        raise ValidationError(f"Batch {batch.label} is already frozen.")
+    comparison_ids = list(Comparison.objects.filter(batch=batch).values_list("id", flat=True))
+    n_test = test_slice_size(len(comparison_ids), size=test_size)
+    held_out = sorted(comparison_ids, key=lambda cid: _held_out_order(batch, cid))[:n_test]
+    Comparison.objects.filter(batch=batch).update(is_test=False)
+    Comparison.objects.filter(id__in=held_out).update(is_test=True)
+    # Judgments that can no longer land: their leases end with the batch.
+    Assignment.objects.filter(comparison__batch=batch, status=Assignment.Status.LEASED).update(
+        status=Assignment.Status.CANCELLED
+    )
+    batch.content_hash = selectors.batch_content_hash(batch=batch)
+    batch.test_size = n_test
+    batch.status = Batch.Status.FROZEN
+    batch.frozen_at = timezone.now()
+    batch.save(update_fields=["content_hash", "test_size", "status", "frozen_at"])
+    return batch
+
+
+def batch_freeze_previous_week(*, now: datetime | None = None) -> Batch | None:
+    """What the Monday beat runs: freeze last ISO week's batch if it is still open."""
+    year, week, _ = timezone.localtime((now or timezone.now()) - timedelta(days=7)).isocalendar()
+    batch = Batch.objects.filter(kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week, status=Batch.Status.OPEN).first()
+    return batch_freeze(batch=batch) if batch else None
+
+
+# --- prompts and comparisons -------------------------------------------------------------------
+
+def _clean_text(text: str, *, field: str, max_length: int = MAX_PROMPT_LENGTH) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError({field: "This field may not be blank."})
+    if len(text) > max_length:
+        raise ValidationError({field: f"At most {max_length} characters (got {len(text)})."})
+    if "\x00" in text:
+        raise ValidationError({field: "NUL characters are not allowed."})
+    return text.strip()
+
+
+def validate_context(context: Sequence[dict]) -> list[dict]:
+    """Prior turns: user/assistant alternating, starting with user, ending with assistant."""
+    if not isinstance(context, list | tuple):
+        raise ValidationError({"context": "Must be a list of {role, content} turns."})
+    turns = []
+    for i, turn in enumerate(context):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            raise ValidationError({"context": f"Turn {i} must have exactly 'role' and 'content'."})
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise ValidationError({"context": f"Turn {i} must be '{expected}', got {turn['role']!r}."})
+        turns.append({"role": expected, "content": _clean_text(turn["content"], field="context")})
+    if len(turns) % 2:
+        raise ValidationError({"context": "The prior turns must end with an assistant turn."})
+    return turns
+
+
+@transaction.atomic
+def prompt_create(
+    *, text: str, source: str, context: Sequence[dict] = (), author: AbstractBaseUser | None = None,
+    is_adversarial: bool = False, tags: Sequence[str] = (), language: str = "en", system_prompt: str = "",
+    awaiting_responses: bool = False, external_id: str = "", continues: Judgment | None = None,
+) -> Prompt:
+    return Prompt.objects.create(
+        text=_clean_text(text, field="text"), context=validate_context(list(context)), source=source,
+        author=author, is_adversarial=is_adversarial, tags=[str(t)[:50] for t in tags][:20], language=language,
+        system_prompt=system_prompt, awaiting_responses=awaiting_responses, external_id=external_id,
+        continues=continues,
+    )
+
+
+def prompt_write(*, author: AbstractBaseUser, text: str, is_adversarial: bool = False) -> Prompt:
+    """An annotator writes a fresh prompt; it waits for the workers to answer it."""
+    return prompt_create(
+        text=text, source=Prompt.Source.ANNOTATOR, author=author, is_adversarial=is_adversarial,
+        tags=["safety"] if is_adversarial else [], awaiting_responses=True,
+    )
+
+
+@transaction.atomic
+def prompt_continue(*, judgment: Judgment, author: AbstractBaseUser, text: str) -> Prompt:
+    """The annotator's next user message: the dialogue so far, with the chosen response, becomes
+    the context of a new prompt that waits for responses."""
+    if judgment.annotator_id != author.pk:
+        raise Http404("No such judgment.")
+    comparison = judgment.comparison
+    prompt = comparison.prompt
+    chosen = comparison.response_a if judgment.chosen == Judgment.Choice.A else comparison.response_b
+    context = [*prompt.context, {"role": "user", "content": prompt.text}, {"role": "assistant", "content": chosen.text}]
+    return prompt_create(
+        text=text, source=Prompt.Source.CONTINUATION, context=context, author=author,
+        is_adversarial=prompt.is_adversarial, tags=prompt.tags, language=prompt.language,
+        system_prompt=prompt.system_prompt, awaiting_responses=True, continues=judgment,
+    )
+
+
+@transaction.atomic
+def comparison_create(
+    *, prompt: Prompt, response_a: Response, response_b: Response, origin: str, overlap: int | None = None
+) -> Comparison:
+    if response_a.prompt_id != prompt.pk or response_b.prompt_id != prompt.pk:
+        raise ValidationError("Both responses must answer the comparison's prompt.")
+    if response_a.pk == response_b.pk:
+        raise ValidationError("A comparison needs two different responses.")
+    overlap = settings.TANDEM_DEFAULT_OVERLAP if overlap is None else overlap
+    if not 1 <= overlap <= 50:
+        raise ValidationError({"overlap": "Must be between 1 and 50."})
+    comparison = Comparison.objects.create(
+        prompt=prompt, response_a=response_a, response_b=response_b, origin=origin, overlap=overlap
+    )
+    if prompt.awaiting_responses:
+        prompt.awaiting_responses = False
+        prompt.save(update_fields=["awaiting_responses"])
+    return comparison
+
+
+# --- leasing ----------------------------------------------------------------------------------
+
+def _lease_cutoff(now: datetime) -> datetime:
+    return now - timedelta(seconds=settings.TANDEM_LEASE_SECONDS)
+
+
+def _taken_slots(cutoff: datetime) -> Q:
+    return Q(status=Assignment.Status.SUBMITTED) | Q(status=Assignment.Status.LEASED, leased_at__gte=cutoff)
+
+
+@transaction.atomic
+def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
+    """The annotator's current lease, or a new one on the oldest comparison with a free slot.
+
+    Candidate rows are locked with SKIP LOCKED so concurrent annotators never wait on, or take,
+    the same comparison; after the lock the free slots are counted again (a fresh statement sees
+    leases committed meanwhile), so a comparison never gets more annotators than its overlap.
+    """
+    now = now or timezone.now()
+    cutoff = _lease_cutoff(now)
+    current = (
+        Assignment.objects.filter(annotator=annotator, status=Assignment.Status.LEASED, leased_at__gte=cutoff)
+        .order_by("leased_at").first()
+    )
+    if current:
+        return current
+    Assignment.objects.filter(annotator=annotator, status=Assignment.Status.LEASED, leased_at__lt=cutoff).update(
+        status=Assignment.Status.EXPIRED
+    )
+    taken = (
+        Assignment.objects.filter(comparison=OuterRef("pk")).filter(_taken_slots(cutoff))
+        .values("comparison").annotate(n=Count("id")).values("n")
+    )
+    candidates = (
+        Comparison.objects.filter(Q(batch__isnull=True) | Q(batch__status=Batch.Status.OPEN))
+        .exclude(assignments__annotator=annotator)
+        .annotate(taken=Coalesce(Subquery(taken), 0))
+        .filter(taken__lt=F("overlap"))
+        .order_by("id")
+    )
+    tried: list[int] = []
+    for _ in range(MAX_LEASE_ATTEMPTS):
+        # Lock one row at a time: locking several would hide them all from concurrent annotators.
+        comparison = candidates.exclude(id__in=tried).select_for_update(skip_locked=True, of=("self",)).first()
+        if comparison is None:
+            return None
+        tried.append(comparison.id)
+        if Assignment.objects.filter(comparison=comparison).filter(_taken_slots(cutoff)).count() >= comparison.overlap:
+            continue
+        # The slot of an expired lease is handed on; its holder can no longer submit.
+        Assignment.objects.filter(
+            comparison=comparison, status=Assignment.Status.LEASED, leased_at__lt=cutoff
+        ).update(status=Assignment.Status.EXPIRED)
+        try:
+            with transaction.atomic():
+                return Assignment.objects.create(
+                    comparison=comparison, annotator=annotator, leased_at=now,
+                    displayed_order=secrets.choice(Assignment.Order.values),
+                )
+        except IntegrityError:  # the same annotator leased it from another tab meanwhile
+            continue
+    return None
+
+
+@transaction.atomic
+def assignment_skip(*, assignment: Assignment, annotator: AbstractBaseUser) -> Assignment:
+    assignment = _own_assignment_for_update(assignment_id=assignment.pk, annotator=annotator)
+    if assignment.status != Assignment.Status.LEASED:
+        raise ValidationError(f"This comparison is already {assignment.get_status_display().lower()}.")
+    assignment.status = Assignment.Status.SKIPPED
+    assignment.save(update_fields=["status"])
+    return assignment
+
+
+def _own_assignment_for_update(*, assignment_id: int, annotator: AbstractBaseUser) -> Assignment:
+    try:
+        return (
+            Assignment.objects.select_for_update(of=("self",)).select_related("comparison")
+            .get(pk=assignment_id, annotator=annotator)
+        )
+    except Assignment.DoesNotExist:
+        raise Http404("No such assignment.") from None
+
+
+# --- judging ----------------------------------------------------------------------------------
+
+def _validate_judgment(
+    *, chosen: str, strength: int, safety: SafetyLabels, harm_categories: Sequence[str], note: str,
+    seconds_spent: float | None,
+) -> None:
+    errors = {}
+    if chosen not in Judgment.Choice.values:
+        errors["chosen"] = "Choose response A or B."
+    if isinstance(strength, bool) or not isinstance(strength, int) or strength not in Judgment.Strength.values:
+        errors["strength"] = "Strength must be 0 (negligibly), 1 (slightly), 2 (better) or 3 (significantly)."
+    if not isinstance(safety.a_safe, bool) or not isinstance(safety.b_safe, bool):
+        errors["safety"] = "Label each response safe or unsafe."
+    unknown = [c for c in harm_categories if c not in HARM_CATEGORIES]
+    if unknown:
+        errors["harm_categories"] = f"Unknown harm categories: {', '.join(map(str, unknown))}."
+    if len(note) > MAX_NOTE_LENGTH:
+        errors["note"] = f"At most {MAX_NOTE_LENGTH} characters."
+    if seconds_spent is not None and not 0 <= seconds_spent <= 86400:
+        errors["seconds_spent"] = "Must be between 0 and 86400 seconds."
+    if errors:
+        raise ValidationError(errors)
+
+
+@transaction.atomic
+def judgment_submit(
+    *, assignment: Assignment, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
+    harm_categories: Sequence[str] = (), note: str = "", seconds_spent: float | None = None,
+    idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
+) -> Judgment:
+    """Record one judgment on a leased assignment. A replay returns the judgment already made."""
+    assignment = _own_assignment_for_update(assignment_id=assignment.pk, annotator=annotator)
+    existing = Judgment.objects.filter(
+        Q(assignment=assignment) | (Q(annotator=annotator, idempotency_key=idempotency_key) & ~Q(idempotency_key=""))
+    ).first()
+    if existing:
+        return existing
+    harm_categories = list(dict.fromkeys(harm_categories))
+    _validate_judgment(chosen=chosen, strength=strength, safety=safety, harm_categories=harm_categories,
+                       note=note, seconds_spent=seconds_spent)
+    if assignment.status != Assignment.Status.LEASED:
+        raise ValidationError(
+            f"This comparison can no longer be judged: its lease is {assignment.get_status_display().lower()}."
+        )
+    comparison = Comparison.objects.select_for_update(of=("self",)).select_related("batch").get(pk=assignment.comparison_id)
+    if comparison.batch is None:
+        comparison.batch = batch_open_for()
+        if comparison.batch.is_frozen:
+            raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
+        comparison.save(update_fields=["batch"])
+    elif comparison.batch.is_frozen:
+        raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
+    now = timezone.now()
+    judgment = Judgment.objects.create(
+        comparison=comparison, assignment=assignment, annotator=annotator, source=source, chosen=chosen,
+        strength=strength, a_safe=safety.a_safe, b_safe=safety.b_safe,
+        safety_bin=safety_bin_for(chosen, safety.a_safe, safety.b_safe), harm_categories=harm_categories,
+        note=note.strip(), seconds_spent=seconds_spent, idempotency_key=idempotency_key,
+    )
+    assignment.status = Assignment.Status.SUBMITTED
+    assignment.submitted_at = now
+    assignment.save(update_fields=["status", "submitted_at"])
+    return judgment

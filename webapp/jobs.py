@@ -1,0 +1,44 @@
+"""Fields every long-running job shares, so the UI can show live progress the same way."""
+from django.db import models
+from django.db.models import Q
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class Job(models.Model):
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    progress = models.FloatField(default=0.0, help_text="Fraction done, 0 to 1.")
+    progress_message = models.CharField(max_length=300, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=1),
+                name="%(app_label)s_%(class)s_progress_in_unit_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=JobStatus.values), name="%(app_label)s_%(class)s_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=JobStatus.FAILED) | ~Q(error=""),
+                name="%(app_label)s_%(class)s_failure_has_reason",
+            ),
+        ]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
