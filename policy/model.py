@@ -69,27 +69,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 even when x is bf16, as Meta does, then cast back before the gain.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps) in float32 even when x is bf16, as Meta does; cast back before the gain.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """Rotation angles for integer positions (any shape P): cos and sin of shape (*P, head_dim // 2), float32."""
+def rope_rotations(positions: Tensor, head_dim: int, theta: float) -> Tensor:
+    """Unit complex numbers e^{i * pos * theta^(-2j/D)} for integer positions (any shape P): (*P, D/2) complex64."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, T, heads, D) by position. Meta's convention: dims (2i, 2i+1) are the real and imaginary
-    parts of one complex number multiplied by e^{i * pos * theta^(-2i/D)}. cos/sin are (T, D/2) or (B, T, D/2)."""
-    cos = cos.unsqueeze(-2)  # broadcast over heads: (..., T, 1, D/2)
-    sin = sin.unsqueeze(-2)
-    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, heads, D/2)
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)  # (B, T, heads, D/2, 2)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
+    """Rotate x (B, T, heads, D) by position, Meta's convention: dims (2j, 2j+1) are the real and imaginary
+    parts of one complex number, multiplied by rotations (T, D/2) or (B, T, D/2) in float32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, D/2)
+    return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -103,10 +98,6 @@ class KVCache:
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)  # (L, B, K, S_max, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, K, T, D) in slots [start, start + T) and return all slots so far, (B, K, start + T, D)."""
@@ -123,6 +114,21 @@ class KVCache:
         return repeated
 
 
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one new token per row, q (B, H, 1, D), over cached k, v (B, K, S, D) under mask (B, 1, 1, S).
+
+    Same result as scaled_dot_product_attention, but on CPU about 30% faster for this shape (measured in
+    bench/bench_sampling.py's setting), where decoding spends most of its non-matmul time: the H/K query
+    heads sharing a key/value head become the rows of one small matmul, so no head is repeated.
+    """
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, D)  # query heads grouped by the key/value head they read
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5  # (B, K, H/K, S)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).type_as(v) @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -135,16 +141,15 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotations: Tensor,
         cache: tuple[KVCache, int, int] | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
         """x (B, T, dim). Without a cache: causal attention over x. With cache = (cache, layer, start): attend to
         slots [0, start + T) under ``mask`` (B, 1, T, start + T), True where a query may see a key."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, D)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, K, D)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotations)  # (B, T, H, D)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotations)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, H or K, T, D)
         if cache is None:
@@ -152,9 +157,10 @@ class Attention(nn.Module):
         else:
             kv_cache, layer, start = cache
             k, v = kv_cache.update(layer, start, k, v)  # (B, K, start + T, D)
-            # The cache may hold another dtype (bf16 under autocast); attention wants one.
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if T == 1:
+                out = single_query_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, D) -> (B, T, dim)
 
 
@@ -180,12 +186,11 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotations: Tensor,
         cache: tuple[KVCache, int, int] | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
+        h = x + self.attention(self.attention_norm(x), rotations, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -212,10 +217,10 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len {self.args.max_seq_len}")
-        cos, sin = rope_cos_sin(torch.arange(T, device=tokens.device), self.args.head_dim, self.args.rope_theta)
+        rotations = rope_rotations(torch.arange(T, device=tokens.device), self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, rotations)
         return self.norm(h)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -234,9 +239,9 @@ class Transformer(nn.Module):
         (B, 1, T, start + T) says which cached slots each query may attend to. Returns float32 logits
         (B, V) of the last token only, the one generation samples from.
         """
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)  # (B, T, D/2)
+        rotations = rope_rotations(positions, self.args.head_dim, self.args.rope_theta)  # (B, T, D/2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, (cache, i, start), mask)
+            h = layer(h, rotations, (cache, i, start), mask)
         return self.output(self.norm(h[:, -1])).float()
 

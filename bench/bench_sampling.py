@@ -1,0 +1,151 @@
+"""Sampling throughput: policy.generate against transformers' LlamaForCausalLM.generate, same weights.
+
+Model: dim 512, 8 layers, 8 heads, 4 KV heads, FFN hidden 1376, vocab 32000, random weights, float32.
+Requests: random 64-token prompts, 128 new tokens, plain sampling (temperature 1, no top-k / top-p),
+no early stop at EOS, so both produce exactly batch * 128 tokens.
+
+Columns:
+- end-to-end tok/s: generated tokens / wall time of the whole call (prefill included);
+- decode tok/s: batch * (new - 1) / (time(new tokens) - time(1 token)), the steady-state rate;
+- ceiling tok/s: batch / (time of only the weight matmuls of one decode step at that batch), an upper
+  bound for decode tok/s: the same F.linear calls on the same weights, nothing else;
+- % of ceiling: our decode tok/s / ceiling.
+Every time is the best of --repeats runs (this machine is shared; the minimum is the least disturbed).
+
+    .venv/bin/python -m bench.bench_sampling            # quick: batch 16, 32 new tokens, one repeat
+    .venv/bin/python -m bench.bench_sampling --full     # the reported run: batch 16 and 64, 128 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from policy.checkpoints import save_hf
+from policy.generate import generate
+from policy.model import ModelArgs, Transformer
+
+BENCH_ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000, multiple_of=32)
+SMOKE_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16)
+
+
+@dataclass
+class Row:
+    batch: int
+    ours_e2e: float
+    ours_decode: float
+    hf_e2e: float | None
+    hf_decode: float | None
+    ceiling: float
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_ceiling(model: Transformer, batch: int, repeats: int) -> float:
+    """Tokens/s if a decode step cost only its weight matmuls: every nn.Linear once on a (batch, in) input."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features) for m in linears}
+
+    def one_step() -> None:
+        for m in linears:
+            F.linear(inputs[m.in_features], m.weight)
+
+    with torch.inference_mode():
+        one_step()  # warm-up
+        step = best_time(lambda: [one_step() for _ in range(10)], repeats) / 10
+    return batch / step
+
+
+def tokens_per_second(run: Callable[[int], object], batch: int, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(end-to-end, decode-only) tokens/s of run(max_new_tokens)."""
+    run(2)  # warm-up: allocator, kernels' first-call setup
+    full = best_time(lambda: run(new_tokens), repeats)
+    first = best_time(lambda: run(1), repeats)
+    return batch * new_tokens / full, batch * (new_tokens - 1) / (full - first)
+
+
+def bench(args: ModelArgs, batches: list[int], prompt_len: int, new_tokens: int, repeats: int) -> list[Row]:
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    hf = load_transformers_twin(model)
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(3, args.vocab_size, (batch, prompt_len))
+
+        def ours(n: int) -> object:
+            return generate(model, prompts.tolist(), n, temperature=1.0, eos_id=None, seed=0)
+
+        ours_e2e, ours_decode = tokens_per_second(ours, batch, new_tokens, repeats)
+        hf_e2e = hf_decode = None
+        if hf is not None:
+
+            def theirs(n: int) -> object:
+                with torch.inference_mode():
+                    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                       max_new_tokens=n, min_new_tokens=n, temperature=1.0, top_k=0, top_p=1.0)
+
+            hf_e2e, hf_decode = tokens_per_second(theirs, batch, new_tokens, repeats)
+        rows.append(Row(batch, ours_e2e, ours_decode, hf_e2e, hf_decode, matmul_ceiling(model, batch, repeats)))
+    return rows
+
+
+def load_transformers_twin(model: Transformer) -> torch.nn.Module | None:
+    """The same weights in transformers' LlamaForCausalLM, through our HF export; None without transformers."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        hf = LlamaForCausalLM.from_pretrained(tmp).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: both sides make exactly the same work
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def print_table(rows: list[Row], prompt_len: int, new_tokens: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"prompt {prompt_len} tokens, {new_tokens} new tokens, float32")
+    print("| batch | ours tok/s | transformers tok/s | ratio | ours decode tok/s | transformers decode tok/s "
+          "| matmul ceiling tok/s | ours % of ceiling |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        hf = (f"{r.hf_e2e:.0f} | {r.ours_e2e / r.hf_e2e:.2f}x" if r.hf_e2e else "n/a | n/a")
+        hf_decode = f"{r.hf_decode:.0f}" if r.hf_decode else "n/a"
+        print(f"| {r.batch} | {r.ours_e2e:.0f} | {hf} | {r.ours_decode:.0f} | {hf_decode} | {r.ceiling:.0f} "
+              f"| {100 * r.ours_decode / r.ceiling:.0f}% |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the reported run: batch 16 and 64, 128 new tokens")
+    size.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (best is kept)")
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        args, batches, prompt_len, new_tokens, repeats = SMOKE_ARGS, [2], 8, 4, 1
+    elif opts.full:
+        args, batches, prompt_len, new_tokens, repeats = BENCH_ARGS, [16, 64], 64, 128, 3
+    else:
+        args, batches, prompt_len, new_tokens, repeats = BENCH_ARGS, [16], 64, 32, 1
+    repeats = opts.repeats or repeats
+    print_table(bench(args, batches, prompt_len, new_tokens, repeats), prompt_len, new_tokens)
+
+
+if __name__ == "__main__":
+    main()
