@@ -141,7 +141,6 @@ def generate(
             token = sample(logits, temperature, top_k, top_p, generator)  # (N,)
             logprobs[:, t] = raw_logprobs(logits, token)
             if eos_id is not None:
-                token = token.masked_fill(done, eos_id)  # finished rows feed EOS, which nothing will see
                 finished_now = (token == eos_id) & ~done
                 out_lengths.masked_fill_(finished_now, t + 1)
                 done |= finished_now
