@@ -339,3 +339,99 @@ def judgment_submit(
     assignment.submitted_at = now
     assignment.save(update_fields=["status", "submitted_at"])
     return judgment
+
+
+# --- API: pushed comparisons and idempotent submission (annotation/api.py) ----------------------
+
+MAX_RESPONSE_LENGTH = 50000
+
+
+@dataclass(frozen=True)
+class ResponseInput:
+    """One response pushed from an external system; `checkpoint` is a name (created if new)."""
+    text: str
+    checkpoint: str
+    temperature: float | None = None
+    top_p: float | None = None
+    sampling: dict | None = None
+
+
+def _clean_response(response: ResponseInput, *, field: str) -> ResponseInput:
+    errors = {}
+    try:
+        text = _clean_text(response.text, field=field, max_length=MAX_RESPONSE_LENGTH)
+    except ValidationError as error:
+        errors.update(error.message_dict)
+        text = ""
+    if response.temperature is not None and not 0 <= response.temperature <= 10:
+        errors[f"{field}.temperature"] = "Must be between 0 and 10."
+    if response.top_p is not None and not 0 < response.top_p <= 1:
+        errors[f"{field}.top_p"] = "Must be in (0, 1]."
+    if response.sampling is not None and (not isinstance(response.sampling, dict) or len(str(response.sampling)) > 2000):
+        errors[f"{field}.sampling"] = "Must be an object of at most 2000 characters."
+    if errors:
+        raise ValidationError(errors)
+    return ResponseInput(text=text, checkpoint=response.checkpoint, temperature=response.temperature,
+                         top_p=response.top_p, sampling=response.sampling or {})
+
+
+@transaction.atomic
+def comparison_push(
+    *, text: str, response_a: ResponseInput, response_b: ResponseInput, context: Sequence[dict] = (),
+    system_prompt: str = "", is_adversarial: bool = False, tags: Sequence[str] = (), language: str = "en",
+    external_id: str = "", overlap: int | None = None,
+) -> Comparison:
+    """A comparison from an external system: prompt + context + two responses from named checkpoints
+    (external checkpoints are created on first use). All or nothing; it joins the annotation queue."""
+    from policy.services import checkpoint_get_or_create_external
+
+    response_a = _clean_response(response_a, field="response_a")
+    response_b = _clean_response(response_b, field="response_b")
+    if response_a.text == response_b.text:
+        raise ValidationError("The two responses are identical: there is nothing to compare.")
+    if len(system_prompt) > MAX_PROMPT_LENGTH or "\x00" in system_prompt:
+        raise ValidationError({"system_prompt": f"At most {MAX_PROMPT_LENGTH} characters, no NUL."})
+    prompt = prompt_create(text=text, source=Prompt.Source.API, context=context, is_adversarial=is_adversarial,
+                           tags=tags, language=language, system_prompt=system_prompt.strip(),
+                           external_id=external_id[:200])
+    responses = [
+        Response.objects.create(prompt=prompt, checkpoint=checkpoint_get_or_create_external(name=r.checkpoint),
+                                temperature=r.temperature, top_p=r.top_p, sampling=r.sampling, text=r.text)
+        for r in (response_a, response_b)
+    ]
+    return comparison_create(prompt=prompt, response_a=responses[0], response_b=responses[1],
+                             origin=Comparison.Origin.API, overlap=overlap)
+
+
+@transaction.atomic
+def judgment_submit_once(
+    *, assignment_id: int, annotator: AbstractBaseUser, idempotency_key: str, **fields
+) -> tuple[Judgment, bool]:
+    """judgment_submit that also says whether this call made the judgment (True) or replayed it.
+
+    The assignment row is locked first, so two concurrent replays of one submission serialize and
+    the second sees the first's judgment. A key already used on another assignment is an error.
+    """
+    assignment = _own_assignment_for_update(assignment_id=assignment_id, annotator=annotator)
+    if idempotency_key:
+        earlier = Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key).first()
+        if earlier is not None and earlier.assignment_id != assignment.pk:
+            raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
+    existing = Judgment.objects.filter(assignment=assignment).first()
+    if existing is not None:
+        return existing, False
+    judgment = judgment_submit(assignment=assignment, annotator=annotator, idempotency_key=idempotency_key, **fields)
+    return judgment, True
+
+
+@transaction.atomic
+def comparison_push_many(*, items: Sequence[dict]) -> list[int]:
+    """Several comparison_push calls in one transaction: every comparison is created, or none (the
+    first invalid one raises, naming its index)."""
+    ids = []
+    for index, item in enumerate(items):
+        try:
+            ids.append(comparison_push(**item).pk)
+        except ValidationError as error:
+            raise ValidationError({f"comparisons[{index}]": error.messages}) from None
+    return ids

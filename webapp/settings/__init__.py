@@ -41,9 +41,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "webapp",
     "annotation",
     "policy",
@@ -51,6 +51,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "webapp.api_errors.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -124,6 +125,16 @@ LOGIN_REDIRECT_URL = "annotation:home"
 LOGOUT_REDIRECT_URL = "login"
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024 * 1024)))
+# Multipart file uploads (the staff import page) may be larger; both are enforced from Content-Length.
+TANDEM_MAX_UPLOAD_BYTES = int(os.environ.get("TANDEM_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))
+
+# Cache: per-process memory by default; Redis (shared by all web workers) when CACHE_URL is set.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "tandem"}}
+if os.environ.get("CACHE_URL"):
+    CACHES["default"] = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": os.environ["CACHE_URL"]}
+# Failed logins / token authentications per address (and per username for logins) before 429.
+TANDEM_AUTH_FAILURE_LIMIT = int(os.environ.get("TANDEM_AUTH_FAILURE_LIMIT", "10"))
+TANDEM_AUTH_FAILURE_WINDOW = int(os.environ.get("TANDEM_AUTH_FAILURE_WINDOW", "900"))
 
 # --- Tandem -------------------------------------------------------------------------------------
 # Where checkpoints, reward models and snapshots live. Paths outside these roots are refused.
@@ -173,20 +184,46 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- REST API -----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
+    # Token first: its challenge makes unauthenticated API requests 401. Session authentication
+    # (the browser) enforces CSRF on unsafe methods.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "webapp.auth.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 100,
+    "EXCEPTION_HANDLER": "webapp.api_errors.exception_handler",
+    # `format` is a parameter of our own (the export's row format, the checkpoint format filter),
+    # not DRF's renderer override; clients choose JSON / the browsable page with Accept.
+    "URL_FORMAT_OVERRIDE": None,
+    "DEFAULT_PARSER_CLASSES": [
+        "webapp.api_errors.StrictJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": [
+        "rest_framework.throttling.AnonRateThrottle",
+        "rest_framework.throttling.UserRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": os.environ.get("TANDEM_API_ANON_RATE", "300/min"),
+        "user": os.environ.get("TANDEM_API_USER_RATE", "6000/min"),
+    },
+    "NUM_PROXIES": int(os.environ["TANDEM_NUM_PROXIES"]) if os.environ.get("TANDEM_NUM_PROXIES") else None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Tandem API",
     "DESCRIPTION": "Human preference data, reward models and RLHF rounds of the Llama 2 loop.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI / Redoc assets served from drf-spectacular-sidecar: no CDN needed.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
 }
 
 LOGGING = {
