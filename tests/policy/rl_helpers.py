@@ -19,6 +19,16 @@ WORDS = ("the cat dog sat on mat is a good bad safe help me how do i tell story 
          "please sorry cannot with that you are assistant answer question").split()
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny models are dispatch-bound: a second intra-op thread only contends for the cores (on a busy
+    2-core machine these tests ran 3-5 times slower with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_tiny_tokenizer(directory: Path) -> Tokenizer:
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]

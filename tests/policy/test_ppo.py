@@ -14,7 +14,8 @@ from policy import ppo
 from policy.generate import generate
 from policy.ppo import PPOConfig, PPODiverged, ppo_train
 from policy.tokenizer import Tokenizer
-from tests.policy.rl_helpers import TokenFractionReward, prompts, tiny_policy, tiny_tokenizer  # noqa: F401
+from tests.policy.rl_helpers import (TokenFractionReward, one_cpu_thread, prompts, tiny_policy,  # noqa: F401
+                                    tiny_tokenizer)
 
 # The toy task: reward = 4 x the fraction of response tokens among ids 3..42 (12.5% of the vocabulary).
 TARGETS = range(3, 43)

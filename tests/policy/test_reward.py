@@ -10,7 +10,7 @@ import torch
 
 from policy.reward import (Prompt, RewardConfig, TwinRewardModels, combined_reward, logit, score, whiten)
 from policy.tokenizer import Tokenizer
-from tests.policy.rl_helpers import tiny_tokenizer  # noqa: F401
+from tests.policy.rl_helpers import one_cpu_thread, tiny_tokenizer  # noqa: F401
 
 
 def test_worked_example_by_hand() -> None:
