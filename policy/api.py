@@ -12,7 +12,7 @@ from .models import Checkpoint
 
 
 class CheckpointSerializer(serializers.ModelSerializer):
-    parent = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    parent = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = Checkpoint

@@ -1,7 +1,11 @@
 """Query parameters of the API: explicit allowlists of filters and orderings; anything else is a 400."""
+import datetime
+
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Q
 from django_filters import rest_framework as filters
+from django_filters.fields import IsoDateTimeField
 from rest_framework.exceptions import ValidationError
 from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import CursorPagination
@@ -55,6 +59,23 @@ class CharInFilter(filters.BaseInFilter, filters.CharFilter):
     pass
 
 
+class UtcDateTimeField(IsoDateTimeField):
+    """ISO 8601, converted to UTC: PostgreSQL refuses offsets beyond +-15:59 that Python accepts."""
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if value is None:
+            return None
+        try:
+            return value.astimezone(datetime.UTC)
+        except OverflowError:
+            raise DjangoValidationError("Date out of range.") from None
+
+
+class UtcDateTimeFilter(filters.IsoDateTimeFilter):
+    field_class = UtcDateTimeField
+
+
 def user_ids_for_pseudonym(pseudonym: str) -> list[int]:
     """Pseudonyms are one-way; the users are few, so each one's pseudonym is computed to match."""
     ids = get_user_model().objects.filter(judgments__isnull=False).values_list("id", flat=True).distinct()
@@ -72,8 +93,8 @@ class JudgmentFilter(filters.FilterSet):
     checkpoint = filters.CharFilter(method="filter_checkpoint", help_text="Either response's checkpoint name")
     annotator = filters.CharFilter(method="filter_annotator", help_text="The annotator's pseudonym")
     is_adversarial = filters.BooleanFilter(field_name="comparison__prompt__is_adversarial")
-    created_after = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Judgment

@@ -2,6 +2,8 @@
 what the caller may see; each validates input, calls one service or selector, serializes."""
 from django.db.models import Count, IntegerField, OuterRef, Subquery
 from django.db.models.functions import Coalesce
+import itertools
+
 import django_filters
 from django.http import FileResponse, Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -271,7 +273,10 @@ class ExportPreferencesView(DownloadView):
         filterset = JudgmentFilter(data=request.query_params, queryset=Judgment.objects.all(), request=request)
         if not filterset.is_valid():
             raise ValidationError(filterset.errors)
+        # The first row is read here, so that a database error is an error response, not a cut stream.
         rows = exports.export_rows(filterset.qs, options=options)
+        first = next(rows, None)
+        rows = itertools.chain([first] if first is not None else [], rows)
         if params.validated_data["export_format"] == "csv":
             fields = exports.AGGREGATE_FIELDS if options.aggregate == "majority" else exports.ROW_FIELDS
             response = StreamingHttpResponse(exports.stream_csv(rows, fields=fields), content_type="text/csv; charset=utf-8")

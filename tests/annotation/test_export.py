@@ -202,3 +202,22 @@ class TestStreaming:
         rows = exports.export_rows(Judgment.objects.all(), options=exports.ExportOptions())
         with django_assert_num_queries(1):
             assert len(list(rows)) == 3
+
+
+class TestHuggingFace:
+    def test_datasets_reads_the_export_as_it_is(self, researcher_client, dialogue, make_comparison, annotator,
+                                                 tmp_path):
+        datasets = pytest.importorskip("datasets")
+        judge(dialogue, annotator, chosen="B", strength=3)
+        judge(make_comparison(), annotator, chosen="A", strength=0, a_safe=True, b_safe=False)
+        for query, name in (("?margin=small", "conv.jsonl"), ("?format=text", "text.jsonl")):
+            response = researcher_client.get(f"/api/v1/export/preferences{query}")
+            (tmp_path / name).write_bytes(b"".join(response.streaming_content))
+        conv = datasets.load_dataset("json", data_files=str(tmp_path / "conv.jsonl"), split="train")
+        assert conv.num_rows == 2 and set(exports.ROW_FIELDS) == set(conv.column_names)
+        assert conv[0]["prompt"][-1] == {"role": "user", "content": "And in winter?"}
+        assert conv[0]["chosen"] == [{"role": "assistant", "content": "Snowy and dark."}]
+        assert conv["margin"] == [1.0, 0.0] and conv["strength"] == [3, 0]
+        text = datasets.load_dataset("json", data_files=str(tmp_path / "text.jsonl"), split="train")
+        assert text[0]["prompt"].endswith("\n\nHuman: And in winter?\n\nAssistant: ")
+        assert text[0]["chosen"] == "Snowy and dark."
