@@ -323,3 +323,40 @@ class TestUnauthenticated:
         response = APIClient().get(url)
         assert response.status_code == 401
         assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+class TestCheckpointHashWithoutTorch:
+    def test_register_real_meta_and_hf_checkpoints(self, client_for, admin_user, tmp_path, settings):
+        """The torch-free hash and params equal what policy.checkpoints computes and loads."""
+        torch = pytest.importorskip("torch")
+        from policy.checkpoints import load_checkpoint, save_hf, save_meta, sha256_of_checkpoint
+        from policy.model import ModelArgs, Transformer
+
+        settings.TANDEM_MODEL_ROOTS = [tmp_path]
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                      max_seq_len=64))
+        save_meta(model, tmp_path / "meta")
+        save_hf(model, tmp_path / "hf")
+        client = client_for(admin_user)
+        for fmt in ("meta", "hf"):
+            response = client.post("/api/v1/checkpoints", {"name": f"tiny-{fmt}", "format": fmt, "path": fmt},
+                                   format="json")
+            assert response.status_code == 201, response.content
+            assert response.json()["sha256"] == sha256_of_checkpoint(tmp_path / fmt)
+            loaded = load_checkpoint(tmp_path / fmt).args
+            params = response.json()["params"]
+            for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+                assert params[key] == getattr(loaded, key), (fmt, key)
+
+    def test_the_api_modules_do_not_import_torch(self):
+        import subprocess
+        import sys
+
+        code = ("import django, sys; django.setup(); import webapp.urls, annotation.api.views, policy.api, "
+                "policy.services, annotation.importers, annotation.snapshots, annotation.exports, webapp.auth; "
+                "from django.urls import get_resolver; get_resolver().url_patterns; "
+                "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+        assert result.returncode == 0, result.stderr[-2000:] or result.stdout
