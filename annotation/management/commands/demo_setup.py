@@ -1,10 +1,15 @@
-"""Create the demo users (idempotent) and print their logins."""
+"""Create the demo users and content (idempotent) and print where to log in."""
+import os
+
 from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand
+
+from annotation.demo import ITEMS, demo_load
 
 DEMO_USERS = [
     # (username, password, role)
     ("annotator", "annotate-me", "annotator"),
+    ("annotator2", "annotate-me-too", "annotator"),
     ("researcher", "research-me", "researcher"),
     ("admin", "admin-me", "admin"),
 ]
@@ -13,7 +18,11 @@ DEMO_USERS = [
 class Command(BaseCommand):
     help = "Create the demo users and content for the embedded default (safe to run again)."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--url", default=None,
+                            help="The address to print (default: http://$HOST:$PORT/, else http://127.0.0.1:8000/)")
+
+    def handle(self, *args, url: str | None = None, **options):
         for username, password, role in DEMO_USERS:
             user, created = User.objects.get_or_create(username=username)
             if created:
@@ -22,6 +31,14 @@ class Command(BaseCommand):
                 user.save()
             if role != "admin":
                 user.groups.add(Group.objects.get_or_create(name=role)[0])
+        result = demo_load()
+        self.stdout.write(
+            f"Demo content: {len(ITEMS)} prompts with two responses each "
+            f"({result.comparisons_created} comparisons added now"
+            f"{', guidelines added' if result.guidelines_created else ''})."
+        )
+        url = url or f"http://{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}/"
+        self.stdout.write(f"Open {url} and log in:")
         self.stdout.write("Demo logins:")
         for username, password, role in DEMO_USERS:
             self.stdout.write(f"  {role:<11} {username} / {password}")
