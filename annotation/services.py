@@ -147,12 +147,21 @@ def prompt_create(
     )
 
 
+def _request_answers(prompt: Prompt) -> Prompt:
+    """Ask the default sampling arms to answer the prompt once it commits (if any checkpoint can)."""
+    from policy.services import prompt_answer_request
+
+    prompt_answer_request(prompt=prompt)
+    return prompt
+
+
+@transaction.atomic
 def prompt_write(*, author: AbstractBaseUser, text: str, is_adversarial: bool = False) -> Prompt:
-    """An annotator writes a fresh prompt; it waits for the workers to answer it."""
-    return prompt_create(
+    """An annotator writes a fresh prompt; the workers answer it with the default arms."""
+    return _request_answers(prompt_create(
         text=text, source=Prompt.Source.ANNOTATOR, author=author, is_adversarial=is_adversarial,
         tags=["safety"] if is_adversarial else [], awaiting_responses=True,
-    )
+    ))
 
 
 @transaction.atomic
@@ -165,11 +174,11 @@ def prompt_continue(*, judgment: Judgment, author: AbstractBaseUser, text: str) 
     prompt = comparison.prompt
     chosen = comparison.response_a if judgment.chosen == Judgment.Choice.A else comparison.response_b
     context = [*prompt.context, {"role": "user", "content": prompt.text}, {"role": "assistant", "content": chosen.text}]
-    return prompt_create(
+    return _request_answers(prompt_create(
         text=text, source=Prompt.Source.CONTINUATION, context=context, author=author,
         is_adversarial=prompt.is_adversarial, tags=prompt.tags, language=prompt.language,
         system_prompt=prompt.system_prompt, awaiting_responses=True, continues=judgment,
-    )
+    ))
 
 
 @transaction.atomic

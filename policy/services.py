@@ -6,14 +6,25 @@ computed exactly as policy.checkpoints.sha256_of_checkpoint does (a test pins th
 """
 import hashlib
 import json
+import math
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
 
-from .models import Checkpoint
+from annotation.models import Comparison, Prompt, Response
+from annotation.services import comparison_create
+from webapp.jobs import ACTIVE_STATUSES, JobStatus
+
+from .models import Checkpoint, GenerationJob
 
 META_PARAMS = "params.json"
 HF_CONFIG = "config.json"
@@ -169,3 +180,268 @@ def checkpoint_register(
         name=name, format=format, path=str(ckpt), params=params, parent=parent, sha256=checkpoint_files_sha256(ckpt),
         tokenizer_path=str(tokenizer) if tokenizer else "", tokenizer_sha256=_sha256_file(tokenizer) if tokenizer else "",
     )
+
+
+# --- sampling jobs: two arms answer prompts, the workers pair the answers up --------------------
+
+# Llama 2 diversified pairs by sampling two checkpoints and/or temperatures; these are the arms used
+# when nobody chose any (annotator-written prompts, continuations, the demo's prompts).
+DEFAULT_TEMPERATURE_NEWEST = 0.7
+DEFAULT_TEMPERATURE_OTHER = 1.0
+DEFAULT_TEMPERATURE_SINGLE = 1.2  # one checkpoint only: the same weights, hotter
+MAX_TEMPERATURE = 5.0
+MAX_NEW_TOKENS = 4096
+
+
+class Arm(NamedTuple):
+    checkpoint: Checkpoint
+    temperature: float
+
+
+def _parse_arms(spec: str) -> list[tuple[str, float]]:
+    """"demo-sft@0.7,demo-base@1.0" -> [("demo-sft", 0.7), ("demo-base", 1.0)]."""
+    arms = []
+    for item in spec.split(","):
+        name, sep, temperature = item.strip().rpartition("@")
+        try:
+            value = float(temperature)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name or not math.isfinite(value) or value < 0:
+            raise ImproperlyConfigured(f"TANDEM_DEFAULT_ARMS must look like 'name@0.7,name@1.0'; got {spec!r}")
+        arms.append((name, value))
+    if len(arms) != 2:
+        raise ImproperlyConfigured(f"TANDEM_DEFAULT_ARMS names exactly two arms; got {spec!r}")
+    return arms
+
+
+def generation_arms_default() -> tuple[Arm, Arm] | None:
+    """The two arms that answer prompts nobody chose arms for, or None while no checkpoint can.
+
+    settings.TANDEM_DEFAULT_ARMS ("name@temp,name@temp", from the environment) names them; without it,
+    the newest checkpoint with weights at 0.7 against the one before it at 1.0 (a single checkpoint:
+    against itself at 1.2). Named checkpoints that do not exist (yet) mean None.
+    """
+    spec = getattr(settings, "TANDEM_DEFAULT_ARMS", None) or os.environ.get("TANDEM_DEFAULT_ARMS", "")
+    with_weights = Checkpoint.objects.exclude(format=Checkpoint.Format.EXTERNAL)
+    if spec.strip():
+        named = _parse_arms(spec)
+        found = {c.name: c for c in with_weights.filter(name__in=[name for name, _ in named])}
+        if any(name not in found for name, _ in named):
+            return None
+        return Arm(found[named[0][0]], named[0][1]), Arm(found[named[1][0]], named[1][1])
+    newest = list(with_weights.order_by("-created_at", "-id")[:2])
+    if not newest:
+        return None
+    if len(newest) == 1:
+        return Arm(newest[0], DEFAULT_TEMPERATURE_NEWEST), Arm(newest[0], DEFAULT_TEMPERATURE_SINGLE)
+    return Arm(newest[0], DEFAULT_TEMPERATURE_NEWEST), Arm(newest[1], DEFAULT_TEMPERATURE_OTHER)
+
+
+def _clean_arm(arm: tuple[Checkpoint, float], field: str) -> Arm:
+    try:
+        checkpoint, temperature = arm
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise ValidationError({field: "An arm is a (checkpoint, temperature) pair."}) from None
+    if not isinstance(checkpoint, Checkpoint) or checkpoint.pk is None:
+        raise ValidationError({field: "An arm needs a registered checkpoint."})
+    if not checkpoint.has_weights or not checkpoint.path:
+        raise ValidationError({field: f"Checkpoint {checkpoint.name} has no weights to sample from."})
+    if not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise ValidationError({field: f"Temperature must be between 0 and {MAX_TEMPERATURE}."})
+    return Arm(checkpoint, temperature)
+
+
+def _enqueue_generation(job_id: int) -> None:
+    from workers.generation import generate_responses  # no torch at import time: the task loads it lazily
+
+    generate_responses.delay(job_id)
+
+
+@transaction.atomic
+def generation_job_create(
+    *, prompts: Sequence[Prompt], arm_a: tuple[Checkpoint, float], arm_b: tuple[Checkpoint, float],
+    max_new_tokens: int = 256, seed: int = 0, created_by: AbstractBaseUser | None = None,
+) -> GenerationJob:
+    """A job that answers each prompt with both arms and pairs the answers into a comparison.
+
+    The workers pick it up once this transaction commits (queue "gpu").
+    """
+    arm_a, arm_b = _clean_arm(arm_a, "arm_a"), _clean_arm(arm_b, "arm_b")
+    if arm_a.checkpoint.pk == arm_b.checkpoint.pk and arm_a.temperature == arm_b.temperature:
+        raise ValidationError("The two arms must differ in checkpoint or temperature.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValidationError({"prompts": "Give at least one prompt."})
+    if any(not isinstance(p, Prompt) or p.pk is None for p in prompts):
+        raise ValidationError({"prompts": "Prompts must be saved Prompt rows."})
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValidationError({"max_new_tokens": f"Must be a whole number between 1 and {MAX_NEW_TOKENS}."})
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValidationError({"seed": "Must be a non-negative whole number."})
+    job = GenerationJob.objects.create(
+        arm_a_checkpoint=arm_a.checkpoint, arm_a_temperature=arm_a.temperature, arm_b_checkpoint=arm_b.checkpoint,
+        arm_b_temperature=arm_b.temperature, max_new_tokens=max_new_tokens, seed=seed, created_by=created_by,
+        progress_message=f"Waiting for a worker: {len(prompts)} prompt(s).",
+    )
+    job.prompts.set(prompts)
+    # robust: a broker that is down must not undo the prompt that was just written; the job stays
+    # queued and prompts_answer_waiting() can ask again.
+    transaction.on_commit(lambda: _enqueue_generation(job.pk), robust=True)
+    return job
+
+
+def _waiting_prompts():
+    busy = GenerationJob.objects.filter(status__in=ACTIVE_STATUSES).values("prompts")
+    return Prompt.objects.filter(awaiting_responses=True).exclude(pk__in=busy).order_by("created_at", "id")
+
+
+def prompts_answer_waiting(*, created_by: AbstractBaseUser | None = None, seed: int = 0) -> GenerationJob | None:
+    """One job with the default arms for every prompt that waits for answers and is in no active job
+    (annotators' prompts, continuations whose context holds the turns before). None if nothing waits
+    or no checkpoint can answer yet."""
+    arms = generation_arms_default()
+    prompts = list(_waiting_prompts())
+    if arms is None or not prompts:
+        return None
+    return generation_job_create(prompts=prompts, arm_a=arms[0], arm_b=arms[1], seed=seed, created_by=created_by)
+
+
+def prompt_answer_request(*, prompt: Prompt) -> GenerationJob | None:
+    """Ask the default arms to answer one freshly written prompt (None while there are none)."""
+    arms = generation_arms_default()
+    if arms is None:
+        return None
+    return generation_job_create(prompts=[prompt], arm_a=arms[0], arm_b=arms[1], seed=prompt.pk,
+                                 created_by=prompt.author)
+
+
+# --- what the generation worker writes ---------------------------------------------------------------
+
+_ORIGIN_BY_SOURCE = {
+    Prompt.Source.ANNOTATOR: Comparison.Origin.ANNOTATOR_PROMPT,
+    Prompt.Source.CONTINUATION: Comparison.Origin.CONTINUATION,
+}
+
+
+def _same_arms(job: GenerationJob):
+    return Comparison.objects.filter(
+        response_a__checkpoint_id=job.arm_a_checkpoint_id, response_a__temperature=job.arm_a_temperature,
+        response_b__checkpoint_id=job.arm_b_checkpoint_id, response_b__temperature=job.arm_b_temperature,
+    )  # fmt: skip
+
+
+def generation_comparison_exists(*, job: GenerationJob, prompt: Prompt) -> bool:
+    """Whether the prompt already has a comparison of exactly this job's two arms (any job's)."""
+    return _same_arms(job).filter(prompt=prompt).exists()
+
+
+def generation_prompts_done(*, job: GenerationJob, prompts: Sequence[Prompt]) -> set[int]:
+    """Ids of the prompts that already have a comparison of this job's two arms (one query)."""
+    return set(_same_arms(job).filter(prompt__in=prompts).values_list("prompt_id", flat=True))
+
+
+@transaction.atomic
+def generation_pair_record(
+    *, job: GenerationJob, prompt: Prompt, text_a: str, text_b: str, top_p: float, sampling: dict
+) -> Comparison | None:
+    """Store both arms' answers to one prompt and their comparison; None if it was already there.
+
+    The prompt row is locked first, so a redelivered job running beside the first one waits here
+    and then sees the comparison the first one made instead of making a second.
+    """
+    prompt = Prompt.objects.select_for_update().get(pk=prompt.pk)
+    if generation_comparison_exists(job=job, prompt=prompt):
+        return None
+    responses = [
+        Response.objects.create(prompt=prompt, checkpoint_id=checkpoint_id, temperature=temperature, top_p=top_p,
+                                text=text, sampling={**sampling, "job": job.pk})
+        for checkpoint_id, temperature, text in (
+            (job.arm_a_checkpoint_id, job.arm_a_temperature, text_a),
+            (job.arm_b_checkpoint_id, job.arm_b_temperature, text_b),
+        )
+    ]  # fmt: skip
+    comparison = comparison_create(prompt=prompt, response_a=responses[0], response_b=responses[1],
+                                   origin=_ORIGIN_BY_SOURCE.get(prompt.source, Comparison.Origin.SAMPLING))
+    GenerationJob.objects.filter(pk=job.pk).update(comparisons_created=F("comparisons_created") + 1)
+    return comparison
+
+
+def generation_job_update(
+    *, job: GenerationJob, status: str | None = None, progress: float | None = None, message: str | None = None,
+    error: str | None = None,
+) -> GenerationJob:
+    """Record a job's status, progress (0..1) and message; start and finish times follow the status."""
+    fields = []
+    if status is not None:
+        job.status = status
+        fields.append("status")
+        if status == JobStatus.RUNNING:
+            job.started_at, job.finished_at, job.error = timezone.now(), None, ""
+            fields += ["started_at", "finished_at", "error"]
+        elif status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+            job.finished_at = timezone.now()
+            fields.append("finished_at")
+    if progress is not None:
+        job.progress = min(1.0, max(0.0, progress))
+        fields.append("progress")
+    if message is not None:
+        job.progress_message = message[:300]
+        fields.append("progress_message")
+    if error is not None:
+        job.error = error
+        fields.append("error")
+    if fields:
+        job.save(update_fields=fields)
+    return job
+
+
+# --- the demo policy ---------------------------------------------------------------------------------
+
+@transaction.atomic
+def demo_checkpoints_register(*, built: Sequence[dict]) -> list[Checkpoint]:
+    """Register the checkpoints policy.demo_policy.build_demo_policy wrote, parents first, by name.
+    A name that is already registered keeps its row."""
+    registered: dict[str, Checkpoint] = {}
+    for item in built:
+        existing = Checkpoint.objects.filter(name=item["name"]).first()
+        parent = registered.get(item["parent"]) or (
+            Checkpoint.objects.filter(name=item["parent"]).first() if item["parent"] else None)
+        registered[item["name"]] = existing or checkpoint_register(
+            name=item["name"], format=Checkpoint.Format.META, path=item["path"],
+            tokenizer_path=item["tokenizer_path"], parent=parent,
+        )  # fmt: skip
+    return list(registered.values())
+
+
+@transaction.atomic
+def demo_prompts_answer(*, count: int = 30, seed: int = 0) -> GenerationJob | None:
+    """Put `count` prompts of the demo world in the database (once) and ask the default arms to
+    answer those that have no comparison of these arms yet. None if nothing is left to answer or no
+    checkpoint can answer yet."""
+    from annotation.services import prompt_create
+    from policy.demo_world import default_world
+
+    arms = generation_arms_default()
+    if arms is None:
+        return None
+    prompts = []
+    for wp in default_world().sample(count, seed=seed):
+        external_id = f"demo-world:{wp.id}"[:200]
+        prompt = Prompt.objects.filter(source=Prompt.Source.GENERATED, external_id=external_id).first()
+        if prompt is None:
+            prompt = prompt_create(
+                text=wp.text, source=Prompt.Source.GENERATED, context=[dict(t) for t in wp.context],
+                system_prompt=wp.system_prompt, is_adversarial=wp.is_adversarial,
+                tags=["demo-world", wp.intent.kind, wp.split], awaiting_responses=True, external_id=external_id,
+            )  # fmt: skip
+        prompts.append(prompt)
+    probe = GenerationJob(arm_a_checkpoint=arms[0].checkpoint, arm_a_temperature=arms[0].temperature,
+                          arm_b_checkpoint=arms[1].checkpoint, arm_b_temperature=arms[1].temperature)
+    done = generation_prompts_done(job=probe, prompts=prompts)
+    busy = set(GenerationJob.objects.filter(status__in=ACTIVE_STATUSES, prompts__in=prompts).values_list("prompts", flat=True))
+    todo = [p for p in prompts if p.pk not in done and p.pk not in busy]
+    if not todo:
+        return None
+    return generation_job_create(prompts=todo, arm_a=arms[0], arm_b=arms[1], seed=seed)
