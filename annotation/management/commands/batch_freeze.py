@@ -26,6 +26,6 @@ class Command(BaseCommand):
             raise CommandError(" ".join(error.messages)) from None
         n = batch.comparisons.count()
         self.stdout.write(self.style.SUCCESS(
-            f"Froze {batch.label}: {n} comparisons, {batch.test_size} held out as the test slice, "
+            f"Froze {batch.label}: {n} comparison{'s' if n != 1 else ''}, {batch.test_size} held out as the test slice, "
             f"content hash {batch.content_hash}."
         ))
