@@ -33,7 +33,8 @@ from itertools import groupby
 
 import orjson
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 
 from .models import Judgment, SafetyBin, safety_bin_for
 
@@ -49,6 +50,7 @@ ROW_FIELDS = (
     "rejected_checkpoint",
 )
 AGGREGATE_FIELDS = ROW_FIELDS + ("n_judgments", "n_majority")
+_EMPTY: list = []  # shared, never mutated
 ITERATOR_CHUNK = 5000  # rows per server-side cursor fetch
 STREAM_CHUNK_BYTES = 256 * 1024  # bytes per yielded HTTP chunk
 
@@ -56,7 +58,7 @@ STREAM_CHUNK_BYTES = 256 * 1024  # bytes per yielded HTTP chunk
 _COLUMNS = (
     "id", "comparison_id", "chosen", "strength", "a_safe", "b_safe", "safety_bin", "source", "annotator_id",
     "comparison__origin", "comparison__is_test", "comparison__batch__label",
-    "comparison__prompt__text", "comparison__prompt__context", "comparison__prompt__system_prompt",
+    "comparison__prompt__text", "context_json", "comparison__prompt__system_prompt",
     "comparison__prompt__is_adversarial",
     "comparison__response_a__text", "comparison__response_b__text",
     "comparison__response_a__checkpoint__name", "comparison__response_b__checkpoint__name",
@@ -113,7 +115,10 @@ def export_queryset(judgments: QuerySet[Judgment], *, options: ExportOptions) ->
     if not options.include_unsafe_chosen and options.aggregate == "none":
         judgments = judgments.exclude(safety_bin=SafetyBin.CHOSEN_UNSAFE_OTHER_SAFE)
     order = ("comparison_id", "id") if options.aggregate == "majority" else ("id",)
-    return judgments.order_by(*order).values_list(*_COLUMNS)
+    # The context comes as JSON text, parsed by orjson in _row: Django's JSONField would json.loads
+    # every row (a third of the export's time), and most contexts are "[]".
+    return (judgments.annotate(context_json=Cast("comparison__prompt__context", TextField()))
+            .order_by(*order).values_list(*_COLUMNS))
 
 
 def export_rows(judgments: QuerySet[Judgment], *, options: ExportOptions) -> Iterator[dict]:
@@ -133,6 +138,7 @@ def _judgment_rows(values: Iterable[tuple], options: ExportOptions) -> Iterator[
 def _row(value: tuple, *, margins: dict, conversational: bool, pseudonyms: _Pseudonyms) -> dict:
     (jid, cid, chosen, strength, a_safe, b_safe, safety_bin, source, annotator_id, origin, is_test, batch,
      text, context, system, adversarial, a_text, b_text, a_ckpt, b_ckpt) = value
+    context = _EMPTY if context == "[]" else orjson.loads(context)
     if chosen == "A":
         chosen_text, rejected_text, chosen_ckpt, rejected_ckpt, chosen_safe, rejected_safe = (
             a_text, b_text, a_ckpt, b_ckpt, a_safe, b_safe)

@@ -422,13 +422,15 @@ def judgment_submit_once(
     the second sees the first's judgment. A key already used on another assignment is an error.
     """
     assignment = _own_assignment_for_update(assignment_id=assignment_id, annotator=annotator)
-    if idempotency_key:
-        earlier = Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key).first()
-        if earlier is not None and earlier.assignment_id != assignment.pk:
-            raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
-    existing = Judgment.objects.filter(assignment=assignment).first()
-    if existing is not None:
-        return existing, False
+    earlier = list(
+        Judgment.objects.filter(Q(assignment=assignment)
+                                | (Q(annotator=annotator, idempotency_key=idempotency_key) & ~Q(idempotency_key="")))
+        .select_related("comparison__batch")
+    )
+    if any(j.assignment_id != assignment.pk for j in earlier):
+        raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
+    if earlier:
+        return earlier[0], False
     judgment = judgment_submit(assignment=assignment, annotator=annotator, idempotency_key=idempotency_key, **fields)
     return judgment, True
 

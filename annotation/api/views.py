@@ -187,10 +187,14 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet)
     lookup_value_regex = r"[A-Za-z0-9_.\-]+"
 
     def get_queryset(self):
+        # Two correlated counts, each evaluated once per listed batch (a join + GROUP BY here would
+        # re-run the judgment count for every comparison row: quadratic in the batch size).
+        comparisons = (Comparison.objects.filter(batch=OuterRef("pk")).order_by().values("batch")
+                       .annotate(n=Count("id")).values("n"))
         judgments = (Judgment.objects.filter(comparison__batch=OuterRef("pk")).order_by()
                      .values("comparison__batch").annotate(n=Count("id")).values("n"))
         return Batch.objects.annotate(
-            n_comparisons=Count("comparisons"),
+            n_comparisons=Coalesce(Subquery(comparisons, output_field=IntegerField()), 0),
             n_judgments=Coalesce(Subquery(judgments, output_field=IntegerField()), 0),
         )
 

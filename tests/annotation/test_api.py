@@ -360,3 +360,39 @@ class TestCheckpointHashWithoutTorch:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                                 env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
         assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_replays_make_one_judgment(make_comparison, annotator):
+    """Two requests with the same Idempotency-Key at the same moment: one 201, one 200, one judgment."""
+    import threading
+
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent writers need PostgreSQL (SQLite serializes them)")
+    make_comparison()
+    assignment = services.assignment_lease_next(annotator=annotator)
+    _, token = api_token_issue(user=annotator, name="race")
+    barrier = threading.Barrier(4)
+    statuses, bodies = [], []
+
+    def submit():
+        from django.db import connections
+
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        try:
+            barrier.wait()
+            response = client.post(f"/api/v1/assignments/{assignment.id}/judgment", SUBMIT, format="json",
+                                   HTTP_IDEMPOTENCY_KEY="same")
+            statuses.append(response.status_code)
+            bodies.append(response.json()["id"])
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [200, 200, 200, 201]
+    assert len(set(bodies)) == 1 and Judgment.objects.count() == 1
