@@ -26,13 +26,21 @@ Tokenization: the prompt messages plus the response as the final assistant turn,
 policy sees a finished dialogue (``Tokenizer.encode_dialog_with_loss_mask``: BOS [INST] ... [/INST]
 answer EOS per exchange), so the sequence ends with EOS, where the reward is read. Truncation
 policy for sequences longer than ``max_seq_len``: tokens are dropped from the LEFT (oldest context
-first) and a BOS is put back in front; the response's end, whose hidden state the reward reads, is
-always kept. Truncated sequences are counted so a report can show how many there were.
+first) and the leading BOS is kept; the response's end, whose hidden state the reward reads, is
+always kept. The two responses of a pair are truncated together (the same context tokens dropped
+from both, as many as the longer needs), so they are compared against the same context; a single
+response scored alone (``encode_response``) loses just what it needs. Truncated sequences are
+counted so a report can show how many there were.
+
+Packing: both sequences of a pair begin with the same tokens (the whole dialogue up to the answer,
+often most of the length). Training packs a pair into one row, [shared prefix | chosen rest |
+rejected rest], and RewardModel's packed mode masks and positions it so both rewards are exactly
+those of the two full sequences, for one prefix's work.
 
 Batching: each optimizer step's pairs are a uniform random slice of the shuffled epoch; only within
-a step are they sorted by length and cut into micro-batches, so sequences of similar length share a
-padded tensor (little padding) while what a step learns from is unchanged (the loss is summed over
-the step's pairs, whatever their grouping).
+a step are they sorted by packed length and cut into micro-batches, so rows of similar length share
+a padded tensor (little padding) while what a step learns from is unchanged (the loss is summed
+over the step's pairs, whatever their grouping).
 """
 
 from __future__ import annotations
@@ -272,7 +280,7 @@ def manifest_sha256(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(keyed)).hexdigest()
 
 
-# --- tokenization ----------------------------------------------------------------------------
+# --- tokenization ---------------------------------------------------------------------------
 
 
 def encode_response(tokenizer, prompt: Sequence[Mapping[str, str]], response: str, max_seq_len: int) -> tuple[list[int], bool]:
@@ -280,11 +288,48 @@ def encode_response(tokenizer, prompt: Sequence[Mapping[str, str]], response: st
 
     Returns (ids, truncated). See the module docstring for the truncation policy.
     """
-    dialog = [*prompt, {"role": "assistant", "content": response}]
-    ids, _ = tokenizer.encode_dialog_with_loss_mask(dialog)
+    ids = _dialog_ids(tokenizer, prompt, response)
     if len(ids) <= max_seq_len:
         return ids, False
-    return [tokenizer.bos_id] + ids[len(ids) - (max_seq_len - 1):], True
+    return _cut(ids, len(ids) - max_seq_len), True
+
+
+def _dialog_ids(tokenizer, prompt: Sequence[Mapping[str, str]], response: str) -> list[int]:
+    ids, _ = tokenizer.encode_dialog_with_loss_mask([*prompt, {"role": "assistant", "content": response}])
+    return ids
+
+
+def _cut(ids: list[int], n: int) -> list[int]:
+    """Drop n tokens after the leading BOS: the oldest context goes first, BOS stays in front."""
+    return ids[:1] + ids[1 + n:]
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of a and b, leaving each at least its last token (where the reward is read)."""
+    limit = min(len(a), len(b)) - 1
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer, prompt: Sequence[Mapping[str, str]], chosen: str, rejected: str,
+                max_seq_len: int) -> tuple[list[int], list[int], int]:
+    """Ids of both responses to one prompt, truncated together: (chosen, rejected, sequences truncated).
+
+    When the longer one exceeds max_seq_len, the same oldest context tokens are dropped from both, so
+    the two responses are still compared against one and the same (shortened) context, and their
+    common prefix stays common. A single response longer than the budget with its shared context
+    falls back to per-sequence truncation (encode_response's rule).
+    """
+    c, r = _dialog_ids(tokenizer, prompt, chosen), _dialog_ids(tokenizer, prompt, rejected)
+    excess = max(len(c), len(r)) - max_seq_len
+    if excess <= 0:
+        return c, r, 0
+    if 1 + excess <= shared_prefix(c, r):  # the dropped tokens lie inside the shared context
+        return _cut(c, excess), _cut(r, excess), 2
+    cut_c, cut_r = len(c) > max_seq_len, len(r) > max_seq_len
+    return (_cut(c, len(c) - max_seq_len) if cut_c else c), (_cut(r, len(r) - max_seq_len) if cut_r else r), cut_c + cut_r
 
 
 @dataclass
@@ -295,20 +340,24 @@ class EncodedPair:
     strength: int | None
     row_margin: float
     truncated: int  # how many of the two sequences lost tokens
+    shared: int = 0  # tokens both sequences begin with (shared_prefix): computed once for them
+
+    def __post_init__(self) -> None:
+        if not self.shared:
+            self.shared = shared_prefix(self.chosen, self.rejected)
 
     @property
     def length(self) -> int:
-        """The padded length the pair needs: chosen and rejected share one (2B, T) tensor."""
+        """Longest of the two sequences."""
         return max(len(self.chosen), len(self.rejected))
 
 
 def encode_pairs(tokenizer, rows: Sequence[Mapping], max_seq_len: int) -> list[EncodedPair]:
     pairs = []
     for row in rows:
-        chosen, cut_c = encode_response(tokenizer, row["prompt"], response_text(row["chosen"]), max_seq_len)
-        rejected, cut_r = encode_response(tokenizer, row["prompt"], response_text(row["rejected"]), max_seq_len)
-        pairs.append(EncodedPair(row["id"], chosen, rejected, row["strength"], float(row.get("margin", 0.0)),
-                                 int(cut_c) + int(cut_r)))
+        chosen, rejected, truncated = encode_pair(tokenizer, row["prompt"], response_text(row["chosen"]),
+                                                  response_text(row["rejected"]), max_seq_len)
+        pairs.append(EncodedPair(row["id"], chosen, rejected, row["strength"], float(row.get("margin", 0.0)), truncated))
     return pairs
 
 
@@ -323,7 +372,7 @@ def plan_epochs(
     Each epoch shuffles all pairs (seeded by seed and epoch) and cuts them into steps of
     micro_batch_size * micro_batches_per_step pairs; the remainder that does not fill a step is
     dropped for that epoch (a partial step would weight its pairs differently). Within a step, pairs
-    are sorted by padded length and cut into micro-batches. With micro_batches_per_step =
+    are sorted by `lengths` and cut into micro-batches. With micro_batches_per_step =
     grad_accum_steps * world_size, process r of a step takes micro-batches r, r + world, ...
     """
     step_size = micro_batch_size * micro_batches_per_step
@@ -337,16 +386,37 @@ def plan_epochs(
     return plan
 
 
+def sort_key(pair: EncodedPair) -> int:
+    """The packed length of a pair (collate_packed): shared prefix once plus both continuations."""
+    return len(pair.chosen) + len(pair.rejected) - pair.shared
+
+
 def plan_sha256(plan: Sequence[Sequence[Sequence[int]]], pair_ids: Sequence[int]) -> str:
     """A hash of the data order by row id: a resumed run must see the very same order."""
     return hashlib.sha256(_canonical([[[pair_ids[i] for i in micro] for micro in step] for step in plan])).hexdigest()
 
 
 def collate(pairs: Sequence[EncodedPair], pad_id: int):
-    """tokens (2B, T) right-padded with pad_id (chosen rows first, then rejected) and lengths (2B,)."""
+    """Full sequences: tokens (2B, T) right-padded with pad_id (chosen rows first, then rejected), lengths (2B,)."""
     import torch  # here, so that the data functions above stay importable without torch
 
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return _pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, torch)
+
+
+def collate_packed(pairs: Sequence[EncodedPair], pad_id: int):
+    """One row per pair for RewardModel's packed mode: [shared prefix | chosen rest | rejected rest],
+    right-padded with pad_id: tokens (B, T) and lengths (B, 3) of the three parts."""
+    import torch
+
+    if any(p.shared < 1 for p in pairs):
+        raise ValueError("every pair needs a shared prefix of at least one token (both sequences start with BOS)")
+    tokens, _ = _pad([p.chosen + p.rejected[p.shared:] for p in pairs], pad_id, torch)
+    lengths = torch.tensor([[p.shared, len(p.chosen) - p.shared, len(p.rejected) - p.shared] for p in pairs],
+                           dtype=torch.long)
+    return tokens, lengths
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, torch):
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     tokens = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -355,11 +425,21 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int):
 
 
 def pad_fraction(plan: Sequence[Sequence[Sequence[int]]], pairs: Sequence[EncodedPair]) -> float:
-    """Share of the token slots in the planned (2B, T) tensors that hold padding."""
+    """Share of the token slots in the planned packed (B, T) tensors (collate_packed) that hold padding."""
     real = slots = 0
     for step in plan:
         for micro in step:
-            batch = [pairs[i] for i in micro]
-            real += sum(len(p.chosen) + len(p.rejected) for p in batch)
-            slots += 2 * len(batch) * max(p.length for p in batch)
+            lengths = [sort_key(pairs[i]) for i in micro]
+            real += sum(lengths)
+            slots += len(lengths) * max(lengths)
     return 1 - real / slots if slots else 0.0
+
+
+def tokens_per_pair(pairs: Sequence[EncodedPair]) -> dict[str, float]:
+    """Mean real tokens per pair run through the model: with the shared prefix once, and as two sequences."""
+    if not pairs:
+        return {"shared_prefix_once": 0.0, "two_full_sequences": 0.0}
+    return {
+        "shared_prefix_once": sum(len(p.chosen) + len(p.rejected) - p.shared for p in pairs) / len(pairs),
+        "two_full_sequences": sum(len(p.chosen) + len(p.rejected) for p in pairs) / len(pairs),
+    }

@@ -6,7 +6,10 @@ checkpoint with ``policy.checkpoints.load_checkpoint``, drops ``output`` (the LM
 ``head = nn.Linear(dim, 1)``. The reward of a sequence is the head applied to the final-normed hidden
 state of its last real token, which is the EOS that closes the response. Batches are right-padded;
 attention is causal, so padding after a token never changes it, and each row is read at its own
-length (no attention mask needed).
+length (no attention mask needed). Two savings, both exact: in training, the chosen and rejected
+sequences of a pair share their dialogue prefix, and forward's packed mode puts a pair in one row,
+prefix once; and since only one token per sequence is read, the last layer runs its queries,
+attention output and feed-forward at that token only (a saving of about 1/n_layers of the work).
 
 On disk a reward model is a folder, written whole to a temporary folder beside it and renamed into
 place, so readers see the old model or the complete new one:
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policy.checkpoints import load_checkpoint
-from policy.model import ModelArgs, Transformer
+from policy.model import ModelArgs, Transformer, apply_rope, rope_rotations
 
 FORMAT = "tandem-reward-model"
 FORMAT_VERSION = 1
@@ -91,17 +94,96 @@ class RewardModel(nn.Module):
         return cls.from_transformer(transformer, head_bias=head_bias, generator=generator)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Rewards (B,) in float32 for right-padded tokens (B, T) whose real lengths are lengths (B,)."""
-        B, T = tokens.shape
-        if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
-            raise ValueError(f"lengths must be (B,) = ({B},) with values in 1..{T}")
-        h = self.backbone.hidden_states(tokens)  # (B, T, dim)
-        last = h[torch.arange(B, device=h.device), lengths.to(h.device) - 1]  # (B, dim): each row's last real token
+        """Rewards in float32, for right-padded rows of tokens (N, T).
+
+        lengths (N,): each row is one sequence of that length -> (N,) rewards.
+        lengths (N, 3): each row is one packed pair (rewards.data.collate_packed): the shared prefix, the
+        chosen continuation, the rejected continuation, of these lengths -> (2N,) rewards, chosen first;
+        equal to scoring the 2N full sequences, with each prefix run once.
+        """
+        N, T = tokens.shape
+        dev = tokens.device
+        if lengths.dim() == 1:
+            _check_lengths(lengths, N, T, "lengths")
+            if T > self.args.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len {self.args.max_seq_len}")
+            # Plain causal attention; right padding needs no mask, as a token never sees what follows it.
+            return self._rewards(tokens, torch.arange(T, device=dev), None, (lengths.to(dev) - 1)[:, None])[:, 0]
+
+        # Packed pairs: one row is [prefix | chosen continuation | rejected continuation | padding]. The
+        # rejected continuation takes the positions right after the prefix (as the chosen one does) and may
+        # not see the chosen continuation; everything else is plain causal attention. A prefix token never
+        # sees what follows it, so its keys and values are those of both full sequences: the rewards are
+        # exactly those of the two sequences run apart, for one prefix's work.
+        if lengths.shape != (N, 3) or int(lengths.min()) < 1:
+            raise ValueError(f"packed lengths must be ({N}, 3): prefix, chosen and rejected parts of >= 1 token")
+        if int(lengths.sum(1).max()) > T:
+            raise ValueError(f"packed pairs longer than the {T} token columns")
+        prefix, chosen, rejected = (lengths.to(dev)[:, i:i + 1] for i in range(3))  # each (N, 1)
+        if int((prefix + torch.maximum(chosen, rejected)).max()) > self.args.max_seq_len:
+            raise ValueError(f"a sequence is longer than max_seq_len {self.args.max_seq_len}")
+        idx = torch.arange(T, device=dev)[None, :]  # (1, T)
+        in_chosen = (idx >= prefix) & (idx < prefix + chosen)  # (N, T)
+        in_rejected = (idx >= prefix + chosen) & (idx < prefix + chosen + rejected)  # (N, T)
+        positions = torch.where(in_rejected, idx - chosen, idx)  # (N, T): rejected restarts after the prefix
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T) query, key
+        mask = causal & ~(in_rejected[:, :, None] & in_chosen[:, None, :])  # (N, T, T)
+        ends = torch.cat([prefix + chosen, prefix + chosen + rejected], dim=1) - 1  # (N, 2)
+        return self._rewards(tokens, positions, mask, ends).T.reshape(-1)  # (2N,): chosen, then rejected
+
+    def _rewards(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, ends: Tensor) -> Tensor:
+        """Rewards (N, R) read at token indices ends (N, R). positions (T,) or (N, T) for RoPE; mask (N, T, T),
+        True where a query may see a key, or None for plain causal attention.
+
+        The backbone's layers, with one saving: only R tokens per row are read, so the last layer computes
+        keys and values for every token but queries, the attention output, the feed-forward and the final
+        norm only at those R tokens (the same numbers as the full layer at those positions).
+        """
+        bb, args = self.backbone, self.args
+        N = tokens.shape[0]
+        rotations = rope_rotations(positions, args.head_dim, args.rope_theta)  # (T, D/2) or (N, T, D/2)
+        attn_mask = None if mask is None else mask[:, None]  # (N, 1, T, T)
+        h = bb.tok_embeddings(tokens)  # (N, T, dim)
+        *body, last = bb.layers
+        for layer in body:
+            att = layer.attention
+            q, k, v = _qkv(att, layer.attention_norm(h), rotations)  # (N, H|K, T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask is None, enable_gqa=True)
+            h = h + att.wo(out.transpose(1, 2).reshape(h.shape))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+
+        att, R = last.attention, ends.shape[1]
+        rows = torch.arange(N, device=h.device)[:, None]  # (N, 1)
+        x = last.attention_norm(h)
+        _, k, v = _qkv(att, x, rotations, queries=False)  # (N, K, T, D)
+        read_rot = rotations[ends] if rotations.dim() == 2 else rotations[rows, ends]  # (N, R, D/2)
+        q = apply_rope(att.wq(x[rows, ends]).view(N, R, att.n_heads, att.head_dim), read_rot).transpose(1, 2)
+        if mask is None:  # a read token sees the keys up to itself
+            read_mask = torch.arange(h.shape[1], device=h.device)[None, None, :] <= ends[:, :, None]  # (N, R, T)
+        else:
+            read_mask = mask[rows, ends]  # (N, R, T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=read_mask[:, None], enable_gqa=True)  # (N, H, R, D)
+        hr = h[rows, ends] + att.wo(out.transpose(1, 2).reshape(N, R, -1))  # (N, R, dim)
+        hr = bb.norm(hr + last.feed_forward(last.ffn_norm(hr)))
         # The head in float32 even under bf16 autocast: one dim-long dot product, and rewards are compared
         # by differences, where bf16's 8 bits of mantissa would blur close pairs.
         bias = self.head.bias.float() if self.head.bias is not None else None
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return F.linear(last.float(), self.head.weight.float(), bias).squeeze(-1)  # (B,)
+        with torch.autocast(device_type=hr.device.type, enabled=False):
+            return F.linear(hr.float(), self.head.weight.float(), bias).squeeze(-1)  # (N, R)
+
+
+def _check_lengths(lengths: Tensor, n: int, t: int, name: str) -> None:
+    if lengths.shape != (n,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
+        raise ValueError(f"{name} must be ({n},) with values in 1..{t}")
+
+
+def _qkv(att, x: Tensor, rotations: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Queries, keys (rotated) and values of policy.model.Attention for x (B, T, dim), heads first."""
+    B, T, _ = x.shape
+    q = apply_rope(att.wq(x).view(B, T, att.n_heads, att.head_dim), rotations).transpose(1, 2) if queries else None
+    k = apply_rope(att.wk(x).view(B, T, att.n_kv_heads, att.head_dim), rotations)  # (B, T, K, D)
+    v = att.wv(x).view(B, T, att.n_kv_heads, att.head_dim)  # (B, T, K, D)
+    return q, k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
 
 
 # --- saving and loading ----------------------------------------------------------------------
@@ -201,7 +283,10 @@ def load_reward_model(path: str | os.PathLike[str], *, device: str | torch.devic
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise RewardModelError(f"{folder / WEIGHTS}: {name} has shape {tuple(state[name].shape)}, config says {shape}")
-    model.load_state_dict(state, assign=True)
+    # Fresh, aligned storage (safetensors hands out views into one buffer at arbitrary offsets, on which
+    # some CPU kernels take other code paths and round differently): the same weights then give the same
+    # rewards bit for bit as the model that was saved.
+    model.load_state_dict({name: t.clone() for name, t in state.items()}, assign=True)
     return model.to(device=device, dtype=dtype)
 
 

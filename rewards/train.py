@@ -1,7 +1,8 @@
 """Reward-model training (Llama 2, section 3.2.2), top to bottom, one process or many under torchrun.
 
     for each optimizer step (a fixed slice of the shuffled epoch, rewards.data.plan_epochs):
-        for each of this process's micro-batches:        chosen and rejected in one (2B, T) forward
+        for each of this process's micro-batches:        each pair one packed row, its shared prefix
+                                                          once (RewardModel's packed mode)
             loss_sum = sum over pairs of -log(sigmoid(r_c - r_r - margin)) [+ centering]
             backward(loss_sum * world_size / pairs_in_step)   # DDP averages over processes -> exact mean
         clip the global gradient norm, AdamW step, LR schedule step
@@ -46,7 +47,7 @@ from policy.checkpoints import sha256_of_checkpoint
 from policy.model import ModelArgs
 from policy.tokenizer import Tokenizer
 from rewards.config import RewardTrainConfig
-from rewards.data import EncodedPair, collate, encode_pairs, pad_fraction, plan_epochs, plan_sha256
+from rewards.data import EncodedPair, collate_packed, encode_pairs, pad_fraction, plan_epochs, plan_sha256, sort_key, tokens_per_pair
 from rewards.evaluate import evaluate_sets
 from rewards.loss import margin_tensor, pairwise_loss
 from rewards.model import RewardModel, replace_dir, save_reward_model
@@ -286,7 +287,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
 
     pairs: list[EncodedPair] = encode_pairs(tokenizer, train_rows, config.max_seq_len)
     micro_per_step = config.grad_accum_steps * world.size
-    plan = plan_epochs([p.length for p in pairs], seed=config.seed, micro_batch_size=config.micro_batch_size,
+    plan = plan_epochs([sort_key(p) for p in pairs], seed=config.seed, micro_batch_size=config.micro_batch_size,
                        micro_batches_per_step=micro_per_step, epochs=config.epochs)
     step_pairs = config.micro_batch_size * micro_per_step
     if not plan:
@@ -330,7 +331,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         stats = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, correct pairs
         for j, micro in enumerate(mine):
             batch = [pairs[i] for i in micro]
-            tokens, lengths = collate(batch, tokenizer.pad_id)
+            tokens, lengths = collate_packed(batch, tokenizer.pad_id)  # (B, T), (B, 3)
             B = len(batch)
             margin = margin_tensor([p.strength for p in batch], config.margin, [p.row_margin for p in batch],
                                    device=world.device)
@@ -338,7 +339,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
             sync = nullcontext() if world.size == 1 or j == len(mine) - 1 else ddp.no_sync()
             with sync:
                 with _autocast(world.device):
-                    rewards = ddp(tokens.to(world.device), lengths.to(world.device))  # (2B,)
+                    rewards = ddp(tokens.to(world.device), lengths.to(world.device))  # (2B,): chosen, rejected
                 r_chosen, r_rejected = rewards[:B], rewards[B:]
                 losses = pairwise_loss(r_chosen, r_rejected, margin, config.center_coef)  # (B,)
                 (losses.sum() * (world.size / step_pairs)).backward()
@@ -382,6 +383,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         train_metrics = {
             "curve": curve,
             "pad_fraction": pad_fraction(plan, pairs),
+            "tokens_per_pair": tokens_per_pair(pairs),
             "truncated_sequences": sum(p.truncated for p in pairs),
             "pairs_per_s": (total_steps - start_step) * step_pairs / train_seconds if train_seconds else None,
             "seconds": time.perf_counter() - started,

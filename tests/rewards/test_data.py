@@ -13,11 +13,16 @@ from rewards.data import (
     InsufficientData,
     build_mix,
     collate,
+    collate_packed,
+    encode_pair,
     encode_pairs,
     encode_response,
     pad_fraction,
     plan_epochs,
     read_rows,
+    shared_prefix,
+    sort_key,
+    tokens_per_pair,
     validate_row,
 )
 from tests.rewards import synthetic
@@ -168,8 +173,24 @@ def test_truncation_drops_oldest_context_and_keeps_the_response_end(rm_tokenizer
     ids, truncated = encode_response(rm_tokenizer, rows[0]["prompt"], "river stone cloud", 40)
     assert len(full) > 40 and truncated
     assert len(ids) == 40 and ids[0] == rm_tokenizer.bos_id and ids[1:] == full[-39:]
+    # A pair loses the same context tokens from both sequences: as many as the longer one needs.
     pairs = encode_pairs(rm_tokenizer, rows, 40)
-    assert pairs[0].truncated == 2 and pairs[0].chosen[-1] == rm_tokenizer.eos_id
+    chosen_full, _ = encode_response(rm_tokenizer, rows[0]["prompt"], rows[0]["chosen"][0]["content"], 10_000)
+    rejected_full, _ = encode_response(rm_tokenizer, rows[0]["prompt"], rows[0]["rejected"][0]["content"], 10_000)
+    cut = max(len(chosen_full), len(rejected_full)) - 40
+    assert pairs[0].truncated == 2 and max(len(pairs[0].chosen), len(pairs[0].rejected)) == 40
+    assert pairs[0].chosen == chosen_full[:1] + chosen_full[1 + cut:]
+    assert pairs[0].rejected == rejected_full[:1] + rejected_full[1 + cut:]
+    assert pairs[0].chosen[-1] == rm_tokenizer.eos_id
+    assert pairs[0].shared == shared_prefix(chosen_full, rejected_full) - cut > 0
+    # A response too long for its context to be shared falls back to cutting each sequence alone.
+    long = encode_pair(rm_tokenizer, rows[0]["prompt"], "river " * 60, "stone", 40)
+    assert long[0] == encode_response(rm_tokenizer, rows[0]["prompt"], "river " * 60, 40)[0]
+    assert long[1] == encode_response(rm_tokenizer, rows[0]["prompt"], "stone", 40)[0] and long[2] == 2
+    short_prompt = [{"role": "user", "content": "Hi?"}]
+    long = encode_pair(rm_tokenizer, short_prompt, "river " * 60, "stone", 40)
+    assert len(long[0]) == 40 and long[1] == encode_response(rm_tokenizer, short_prompt, "stone", 10_000)[0]
+    assert long[2] == 1
 
 
 # --- batching -------------------------------------------------------------------------------
@@ -202,17 +223,30 @@ def test_step_contents_do_not_depend_on_the_micro_batch_split() -> None:
 def test_bucketing_cuts_padding() -> None:
     rng = random.Random(0)
     # As in real pairs, both responses share their prompt, which makes most of the length.
-    prompts = [rng.randint(10, 200) for _ in range(256)]
-    pairs = [EncodedPair(i, [5] * (n + rng.randint(5, 30)), [5] * (n + rng.randint(5, 30)), None, 0.0, 0)
-             for i, n in enumerate(prompts)]
-    plan = plan_epochs([p.length for p in pairs], seed=0, micro_batch_size=8, micro_batches_per_step=16)
+    pairs = [EncodedPair(i, [1] + [5] * n + [6] * rng.randint(5, 30), [1] + [5] * n + [7] * rng.randint(5, 30), None,
+                         0.0, 0) for i, n in enumerate(rng.randint(10, 200) for _ in range(256))]
+    plan = plan_epochs([sort_key(p) for p in pairs], seed=0, micro_batch_size=8, micro_batches_per_step=16)
     # Without sorting: the same steps cut into micro-batches in shuffled order.
     unsorted = [[sorted([i for m in s for i in m], key=lambda i: rng.random())[j:j + 8]
                  for j in range(0, 128, 8)] for s in plan]
-    assert pad_fraction(plan, pairs) < 0.5 * pad_fraction(unsorted, pairs)
-    # By hand: pairs of lengths (3, 1) and (2, 2) in one (4, 3) tensor: 8 real tokens, 4 of 12 slots padding.
-    tiny = [EncodedPair(0, [1, 2, 3], [1], None, 0.0, 0), EncodedPair(1, [1, 2], [1, 2], None, 0.0, 0)]
-    assert pad_fraction([[[0, 1]]], tiny) == pytest.approx(4 / 12)
+    assert pad_fraction(plan, pairs) < 0.6 * pad_fraction(unsorted, pairs)
+    # By hand: pairs ([1 2 3], [1 2]) and ([1 2], [1 5 6 7]) share [1]; packed rows [1 2 3 2] and [1 2 5 6 7]
+    # make a (2, 5) tensor: 9 real tokens in 10 slots.
+    tiny = [EncodedPair(0, [1, 2, 3], [1, 2], None, 0.0, 0), EncodedPair(1, [1, 2], [1, 5, 6, 7], None, 0.0, 0)]
+    assert [p.shared for p in tiny] == [1, 1] and pad_fraction([[[0, 1]]], tiny) == pytest.approx(1 / 10)
+    assert tokens_per_pair(tiny) == {"shared_prefix_once": 4.5, "two_full_sequences": 5.5}
+
+
+def test_shared_prefix_split(rm_tokenizer) -> None:
+    assert shared_prefix([1, 2, 3], [1, 2, 3]) == 2  # each keeps its last token, where the reward is read
+    assert shared_prefix([1, 2, 3, 4], [1, 2, 9]) == 2 and shared_prefix([1], [1, 2]) == 0
+    pairs = [EncodedPair(0, [1, 7, 8, 2], [1, 7, 2], None, 0.0, 0), EncodedPair(1, [1, 2], [1, 5, 5, 5, 2], None, 0.0, 0)]
+    tokens, lengths = collate_packed(pairs, pad_id=0)
+    # [shared prefix | chosen rest | rejected rest], right-padded
+    assert tokens.tolist() == [[1, 7, 8, 2, 2, 0], [1, 2, 5, 5, 5, 2]]
+    assert lengths.tolist() == [[2, 2, 1], [1, 1, 4]]
+    with pytest.raises(ValueError, match="shared"):
+        collate_packed([EncodedPair(0, [1], [1, 2], None, 0.0, 0)], pad_id=0)
 
 
 def test_collate_right_pads_chosen_then_rejected() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from policy.checkpoints import load_checkpoint
+from rewards.data import collate, collate_packed, encode_pairs
 from rewards.model import (
     RewardModel,
     RewardModelError,
@@ -54,6 +55,34 @@ def test_reward_is_the_head_on_the_last_real_token(model) -> None:
         model(tokens, torch.tensor([0, 4, 13]))
     with pytest.raises(ValueError, match="lengths"):
         model(tokens, torch.tensor([14, 4, 13]))
+
+
+def test_packed_pairs_equal_two_full_sequences(model, rm_tokenizer) -> None:
+    rows = synthetic.make_rows(6, seed=8, context_turns=1)
+    pairs = encode_pairs(rm_tokenizer, rows, 128)
+    assert all(p.shared > 10 for p in pairs)  # the dialogue prefix is shared
+    model.train()
+    tokens, lengths = collate_packed(pairs, rm_tokenizer.pad_id)
+    packed = model(tokens, lengths)  # (12,): chosen rewards, then rejected
+    weights = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    (packed * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full_tokens, full_lengths = collate(pairs, rm_tokenizer.pad_id)
+    full = model(full_tokens, full_lengths)
+    (full * weights).sum().backward()
+    # Same rewards and the same gradients: packing is exact, not an approximation.
+    torch.testing.assert_close(packed, full, atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # And against the policy's own forward, sequence by sequence.
+    with torch.no_grad():
+        for i, p in enumerate(pairs):
+            for j, seq in ((i, p.chosen), (i + 6, p.rejected)):
+                h = model.backbone.hidden_states(torch.tensor([seq]))[0, -1]
+                assert packed[j].item() == pytest.approx((h @ model.head.weight[0] + model.head.bias[0]).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="packed lengths"):
+        model(tokens, torch.zeros(6, 3, dtype=torch.long))
 
 
 def test_from_policy_keeps_the_backbone_and_drops_the_lm_head(rm_policy_dir) -> None:
