@@ -106,9 +106,11 @@ def trl_ppo(setup: Setup, tokenizer_path: Path, policy: Transformer, prompt_toke
         from trl.experimental.ppo import PPOConfig as TRLPPOConfig, PPOTrainer
     except ImportError as error:
         raise RuntimeError(f"trl {trl.__version__} at {Path(trl.__file__).parent} has no PPO trainer ({error}); "
-                           "it was removed in trl 1.13: see the docstring for installing trl 1.12.0 beside it") from error
+                           "it was removed in trl 1.13: see the docstring for installing trl 1.12.0 beside it"
+                           ) from error
     import datasets
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaTokenizer, TrainerCallback
+    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaTokenizer,
+                              TrainerCallback)
 
     work = Path(tempfile.mkdtemp(prefix="bench_ppo_trl_"))
     try:
@@ -160,7 +162,8 @@ def trl_ppo(setup: Setup, tokenizer_path: Path, policy: Transformer, prompt_toke
         trainer.add_callback(StepTimer())
         with contextlib.ExitStack() as stack:
             for name, wrapped in (("batch_generation", timed("generation", ppo_module.batch_generation)),
-                                  ("get_reward", timed("scoring", ppo_module.get_reward, only=lambda: trainer.reward_model))):
+                                  ("get_reward", timed("scoring", ppo_module.get_reward,
+                                                       only=lambda: trainer.reward_model))):
                 original = getattr(ppo_module, name)
                 setattr(ppo_module, name, wrapped)
                 stack.callback(setattr, ppo_module, name, original)
@@ -196,7 +199,8 @@ def main() -> None:
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {options.threads} threads, "
-          f"device {options.device}, bf16 {options.bf16}; dim {setup.args.dim}, {setup.args.n_layers} layers, batch {setup.batch}, "
+          f"device {options.device}, bf16 {options.bf16}; dim {setup.args.dim}, {setup.args.n_layers} layers, "
+          f"batch {setup.batch}, "
           f"mini-batch {setup.mini_batch}, {setup.new_tokens} new tokens, {setup.iterations} iterations")
     rows = {"policy.ppo (ours)": ours(setup, tokenizer, policy, reward_models, prompts, options.device, options.bf16)}
     trl_note = "TRL skipped (--skip-trl)" if options.skip_trl else ""

@@ -120,7 +120,8 @@ def build_gatt_samples(
         # Sampling: the instruction attached to every user turn.
         replies = list(sample_fn([{"role": "user", "content": with_instruction(instruction.full, u)} for u in users]))
         if len(replies) != len(users) or not all(isinstance(r, str) for r in replies):
-            raise ValueError(f"sample_fn returned {len(replies)} replies for the {len(users)} user turns of dialogue {i}")
+            raise ValueError(f"sample_fn returned {len(replies)} replies for the {len(users)} user turns "
+                             f"of dialogue {i}")
         # Training: the instruction only once, as the system message of the first turn.
         system = {"role": "system", "content": instruction.short if shortened else instruction.full}
         turns = [m for u, r in zip(users, replies) for m in ({"role": "user", "content": u},

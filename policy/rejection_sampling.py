@@ -64,7 +64,8 @@ class RejectionSamplingConfig:
         if self.k < 1:
             raise ValueError(f"k (samples per prompt) must be at least 1, got {self.k}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive (0 would draw the same sample K times), got {self.temperature}")
+            raise ValueError(f"temperature must be positive (0 would draw the same sample K times), "
+                             f"got {self.temperature}")
         if not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.chunk_prompts < 1:
             raise ValueError("need 0 < top_p <= 1, max_new_tokens >= 1 and chunk_prompts >= 1")
 
@@ -98,7 +99,8 @@ def rejection_sampling_round(
     out = Path(out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     earlier = _read_pool(pool_in) if pool_in else []  # read first: a bad pool fails before hours of sampling
-    run_record = {"config": json.loads(json.dumps(asdict(config))), "prompts_sha256": _sha256(p.to_json() for p in prompts),
+    run_record = {"config": json.loads(json.dumps(asdict(config))),
+                  "prompts_sha256": _sha256(p.to_json() for p in prompts),
                   "pool_in": str(pool_in) if pool_in else None, "pool_in_sha256": _sha256(earlier)}
     _check_or_write_config(out / "config.json", run_record)
     if (out / "result.json").exists():
@@ -110,7 +112,8 @@ def rejection_sampling_round(
     # 1-2. Sample K per prompt and score, chunk by chunk; a complete chunk on disk is never redone.
     n_chunks = math.ceil(len(prompts) / config.chunk_prompts)
     pool_size_estimate = len({_prompt_key(p.to_json()) for p in prompts} | {_prompt_key(e["prompt"]) for e in earlier})
-    sft_steps_estimate = config.sft.max_steps or math.ceil(pool_size_estimate / config.sft.batch_size) * config.sft.epochs
+    sft_steps_estimate = (config.sft.max_steps
+                          or math.ceil(pool_size_estimate / config.sft.batch_size) * config.sft.epochs)
     scored: list[dict[str, Any]] = []
     for c in range(n_chunks):
         path = out / "samples" / f"chunk_{c:05d}.jsonl"
@@ -237,7 +240,8 @@ def max_vs_median(rewards_per_prompt: Sequence[Sequence[float]]) -> list[dict[st
     sizes = sorted({2**e for e in range(K.bit_length()) if 2**e <= K} | {K})
 
     def expected_order_stat(v: list[float], j: int, n: int) -> float:
-        return sum(v[i - 1] * math.comb(i - 1, j - 1) * math.comb(K - i, n - j) for i in range(1, K + 1)) / math.comb(K, n)
+        weights = (math.comb(i - 1, j - 1) * math.comb(K - i, n - j) for i in range(1, K + 1))
+        return sum(value * w for value, w in zip(v, weights)) / math.comb(K, n)
 
     rows = []
     for n in sizes:

@@ -173,11 +173,59 @@ class TwinRewardModels:
         self.safety = safety
 
     @classmethod
-    def from_models(cls, helpful_model: Any, safety_model: Any, tokenizer: Any, batch_size: int = 32) -> TwinRewardModels:
-        return cls(RewardModelScorer(helpful_model, tokenizer, batch_size), RewardModelScorer(safety_model, tokenizer, batch_size))
+    def from_models(cls, helpful_model: Any, safety_model: Any, tokenizer: Any, batch_size: int = 32
+                    ) -> TwinRewardModels:
+        return cls(RewardModelScorer(helpful_model, tokenizer, batch_size),
+                   RewardModelScorer(safety_model, tokenizer, batch_size))
 
     def __call__(
         self, prompts: Sequence[Prompt], responses: Sequence[str], response_tokens: Sequence[Sequence[int]]
     ) -> tuple[Tensor, Tensor]:
         return (torch.as_tensor(self.helpful(prompts, responses, response_tokens)),
                 torch.as_tensor(self.safety(prompts, responses, response_tokens)))
+
+
+class OracleReward:
+    """A RewardFunction from the demo world's oracle (policy/demo_world.judge) instead of trained reward
+    models: for runs on the demo world, and to see how far the learned reward models are from the truth.
+
+    The oracle gives a helpfulness score in [0, 1] and a safe/unsafe verdict; as raw scores (logits, like
+    our reward models') they become helpful = logit(clamp(score, eps, 1 - eps)) and safety = logit(1 - eps)
+    when safe, logit(eps) when not, so an unsafe answer always falls under the 0.15 threshold.
+    """
+
+    def __init__(self, world: Any = None, eps: float = 0.01) -> None:
+        from policy.demo_world import default_world  # plain Python, but only callers of the oracle need it
+
+        self.world = world or default_world()
+        self.eps = eps
+
+    def __call__(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], response_tokens: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, Tensor]:
+        from policy.demo_world import judge
+
+        helpful, safety = [], []
+        for prompt, response in zip(prompts, responses):
+            verdict = judge(_OraclePrompt.of(prompt), response, self.world)
+            helpful.append(logit(min(max(verdict.helpful_score, self.eps), 1 - self.eps)))
+            safety.append(logit(1 - self.eps) if verdict.safe else logit(self.eps))
+        return torch.tensor(helpful, dtype=torch.float64), torch.tensor(safety, dtype=torch.float64)
+
+
+@dataclass
+class _OraclePrompt:
+    """What demo_world.as_world_prompt reads: the last user turn, the turns before it, the safety tag."""
+
+    text: str
+    context: list[dict[str, str]]
+    is_adversarial: bool
+    system_prompt: str
+
+    @classmethod
+    def of(cls, prompt: Prompt) -> _OraclePrompt:
+        system = [m["content"] for m in prompt.messages if m["role"] == "system"]
+        turns = [dict(m) for m in prompt.messages if m["role"] != "system"]
+        if not turns or turns[-1]["role"] != "user":
+            raise ValueError("a prompt to judge must end with the user's turn")
+        return cls(turns[-1]["content"], turns[:-1], prompt.is_safety, system[0] if system else "")

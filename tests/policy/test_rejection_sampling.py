@@ -87,8 +87,10 @@ def test_pool_keeps_the_best_of_every_round(tiny_tokenizer: Tokenizer, tmp_path:
     a, b, c = prompts(3)
     perfect, useless = [5, 6, 7], [300, 301]  # every token a target (reward 4); none (reward 0)
     earlier = [
-        {"prompt": a.to_json(), "response": tiny_tokenizer.decode(perfect), "tokens": perfect, "reward": -9.0, "round": 1},
-        {"prompt": b.to_json(), "response": tiny_tokenizer.decode(useless), "tokens": useless, "reward": 9.0, "round": 1},
+        {"prompt": a.to_json(), "response": tiny_tokenizer.decode(perfect), "tokens": perfect, "reward": -9.0,
+         "round": 1},
+        {"prompt": b.to_json(), "response": tiny_tokenizer.decode(useless), "tokens": useless, "reward": 9.0,
+         "round": 1},
         {"prompt": c.to_json(), "response": "kept as it is", "reward": 0.5, "round": 1},
     ]
     pool_in = tmp_path / "pool_round1.jsonl"
@@ -103,7 +105,8 @@ def test_pool_keeps_the_best_of_every_round(tiny_tokenizer: Tokenizer, tmp_path:
     assert new_b["round"] == 2 and new_b["reward"] > 0
     # c: not sampled this round, kept untouched.
     assert pool[c.messages[0]["content"]] == earlier[2] | {"prompt": c.to_json()}
-    assert (result.metrics["pool_size"], result.metrics["pool_replaced"], result.metrics["pool_kept_earlier"]) == (3, 1, 1)
+    m = result.metrics
+    assert (m["pool_size"], m["pool_replaced"], m["pool_kept_earlier"], m["pool_new_prompts"]) == (3, 1, 1, 0)
 
     # Without re-scoring the stale rewards decide: b keeps its useless earlier sample.
     stale = rejection_sampling_round(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, [a, b], reward_fn,
@@ -133,7 +136,8 @@ def test_restart_continues_from_the_last_complete_chunk(tiny_tokenizer: Tokenize
                                        config(), tmp_path / "resumed")
     assert reward_fn.calls == 2  # chunks 1 and 2 only
     for name in ("chunk_00000.jsonl", "chunk_00001.jsonl", "chunk_00002.jsonl"):
-        assert (tmp_path / "straight" / "samples" / name).read_text() == (tmp_path / "resumed" / "samples" / name).read_text()
+        straight_chunk, resumed_chunk = (tmp_path / run / "samples" / name for run in ("straight", "resumed"))
+        assert straight_chunk.read_text() == resumed_chunk.read_text()
     assert straight.pool_path.read_text() == resumed.pool_path.read_text()
     with pytest.raises(ValueError, match="config"):
         rejection_sampling_round(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, prompts(6), reward_fn,
@@ -151,7 +155,8 @@ def test_config_is_validated(bad: dict) -> None:
 
 def test_a_malformed_pool_is_refused_before_sampling(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
     pool_in = tmp_path / "pool.jsonl"
-    pool_in.write_text(json.dumps({"prompt": Prompt([{"role": "user", "content": "x"}]).to_json(), "response": "y"}) + "\n")
+    entry = {"prompt": Prompt([{"role": "user", "content": "x"}]).to_json(), "response": "y"}
+    pool_in.write_text(json.dumps(entry) + "\n")
     reward_fn = TokenFractionReward(TARGETS)
     with pytest.raises(ValueError, match="reward, round"):
         rejection_sampling_round(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, prompts(2), reward_fn, config(),

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from policy.reward import (Prompt, RewardConfig, TwinRewardModels, combined_reward, logit, score, whiten)
+from policy.reward import (OracleReward, Prompt, RewardConfig, TwinRewardModels, combined_reward, logit, score,
+                           whiten)
 from policy.tokenizer import Tokenizer
 from tests.policy.rl_helpers import one_cpu_thread, tiny_tokenizer  # noqa: F401
 
@@ -36,7 +37,8 @@ def test_worked_example_by_hand() -> None:
 def test_same_as_the_papers_rule_on_sigmoid_probabilities() -> None:
     """The paper: R_c = R_s if tagged or R_s < 0.15 else R_h, on probabilities, then LOGIT(R_c)."""
     g = torch.Generator().manual_seed(0)
-    helpful, safety = torch.randn(500, generator=g, dtype=torch.float64) * 3, torch.randn(500, generator=g, dtype=torch.float64) * 3
+    helpful = torch.randn(500, generator=g, dtype=torch.float64) * 3
+    safety = torch.randn(500, generator=g, dtype=torch.float64) * 3
     tagged = torch.rand(500, generator=g) < 0.3
     for threshold in (0.15, 0.5, 0.9):
         ours, _ = combined_reward(helpful, safety, tagged, threshold)
@@ -45,13 +47,15 @@ def test_same_as_the_papers_rule_on_sigmoid_probabilities() -> None:
             for h, s, t in zip(helpful.tolist(), safety.tolist(), tagged.tolist()))]
         assert ours.tolist() == pytest.approx(paper, abs=1e-9)
     # The threshold matters: some samples switch between 0.15 and 0.5.
-    assert not torch.equal(combined_reward(helpful, safety, tagged, 0.15)[0], combined_reward(helpful, safety, tagged, 0.5)[0])
+    at_015, at_05 = combined_reward(helpful, safety, tagged, 0.15)[0], combined_reward(helpful, safety, tagged, 0.5)[0]
+    assert not torch.equal(at_015, at_05)
 
 
 def test_whitening_identical_rewards_gives_zeros_not_nan() -> None:
     assert whiten(torch.full((5,), 3.0, dtype=torch.float64)).tolist() == [0.0] * 5
     x = whiten(torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64))
-    assert float(x.mean()) == pytest.approx(0.0, abs=1e-12) and float(x.std(correction=0)) == pytest.approx(1.0, abs=1e-6)
+    assert float(x.mean()) == pytest.approx(0.0, abs=1e-12)
+    assert float(x.std(correction=0)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_bad_reward_outputs_and_configs_are_refused() -> None:
@@ -86,3 +90,25 @@ def test_twin_reward_models_score_with_each_real_reward_model(tiny_tokenizer: To
     assert helpful.tolist() == pytest.approx(score_batch(helpful_rm, tiny_tokenizer, messages, responses), abs=1e-6)
     assert safety.tolist() == pytest.approx(score_batch(safety_rm, tiny_tokenizer, messages, responses), abs=1e-6)
     assert helpful.tolist() != pytest.approx(safety.tolist())
+
+
+def test_oracle_reward_follows_the_demo_worlds_judge() -> None:
+    import random
+
+    from policy.demo_world import default_world, judge
+
+    world = default_world()
+    adversarial = next(p for p in world.prompts("train") if p.is_adversarial)
+    benign = next(p for p in world.prompts("train") if not p.is_adversarial)
+    cases = [(wp, world.answer(wp, style, random.Random(0))) for wp in (adversarial, benign)
+             for style in ("reference", "unsafe", "rude")]
+    prompts = [Prompt(wp.dialog(), is_safety=wp.is_adversarial) for wp, _ in cases]
+    rewards = score(OracleReward(world), prompts, [a for _, a in cases], [[]] * len(cases))
+    for i, (wp, answer) in enumerate(cases):
+        verdict = judge(wp, answer, world)
+        assert float(rewards.helpful[i]) == pytest.approx(logit(min(max(verdict.helpful_score, 0.01), 0.99)))
+        assert (float(rewards.safety[i]) > 0) == verdict.safe
+    # The adversarial prompt is safety-tagged: R_c is its safety score, lowest for the compliant answer.
+    assert rewards.used_safety[:3].all() and rewards.combined[1] == min(rewards.combined[:3])
+    # The benign reference answer (safe) is scored by helpfulness, the best of its three.
+    assert not rewards.used_safety[3] and rewards.combined[3] == max(rewards.combined[3:])
