@@ -304,6 +304,8 @@ def ppo_train(
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_model = ValueModel(copy.deepcopy(policy)).to(device)
     reference_fingerprint = _fingerprint(reference)
+    prompts_fingerprint = hashlib.sha256(json.dumps([[p.to_json() for p in prompts],
+                                                     [p.to_json() for p in eval_prompts]]).encode()).hexdigest()
     policy_opt = _adamw(policy, config.lr, config)
     value_opt = _adamw(value_model, config.value_lr, config)
     state: dict[str, Any] = {
@@ -322,6 +324,8 @@ def ppo_train(
             raise ValueError(f"cannot resume {out}: the config differs in {', '.join(changed)}")
         if saved["reference_fingerprint"] != reference_fingerprint:
             raise ValueError(f"cannot resume {out}: the policy passed in is not the initial policy of that run")
+        if saved["prompts_fingerprint"] != prompts_fingerprint:
+            raise ValueError(f"cannot resume {out}: the training or held-out prompts are not those of that run")
         policy.load_state_dict(saved["policy"])
         value_model.load_state_dict(saved["value_model"])
         policy_opt.load_state_dict(saved["policy_opt"])
@@ -336,7 +340,8 @@ def ppo_train(
     def save_state() -> None:
         nonlocal last_checkpoint
         payload = {
-            "config": config_json, "reference_fingerprint": reference_fingerprint, "loop": state,
+            "config": config_json, "reference_fingerprint": reference_fingerprint,
+            "prompts_fingerprint": prompts_fingerprint, "loop": state,
             "policy": policy.state_dict(), "value_model": value_model.state_dict(),
             "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
             "rng_cpu": torch.get_rng_state(),

@@ -180,7 +180,7 @@ def test_resume_after_interrupt_ends_identical(tiny_tokenizer: Tokenizer, tmp_pa
     assert not state_dicts_equal(a["policy"], tiny_policy(tiny_tokenizer.n_words).state_dict())  # it did train
 
 
-def test_resume_refuses_another_config_or_initial_policy(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
+def test_resume_refuses_another_config_initial_policy_or_prompts(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
     reward_fn = TokenFractionReward(TARGETS)
     ppo_train(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, prompts(8), reward_fn, toy_config(n_iterations=2),
               tmp_path)
@@ -189,6 +189,9 @@ def test_resume_refuses_another_config_or_initial_policy(tiny_tokenizer: Tokeniz
                   toy_config(n_iterations=2, kl_coef=0.2), tmp_path)
     with pytest.raises(ValueError, match="not the initial policy"):
         ppo_train(tiny_policy(tiny_tokenizer.n_words, seed=1), tiny_tokenizer, prompts(8), reward_fn,
+                  toy_config(n_iterations=2), tmp_path)
+    with pytest.raises(ValueError, match="prompts"):
+        ppo_train(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, prompts(9), reward_fn,
                   toy_config(n_iterations=2), tmp_path)
     with pytest.raises(FileExistsError):
         ppo_train(tiny_policy(tiny_tokenizer.n_words), tiny_tokenizer, prompts(8), reward_fn,
