@@ -21,10 +21,8 @@ Pairs whose chosen response is unsafe while the other is safe are left out (the 
 unless include_unsafe_chosen. "annotator" is a pseudonym: HMAC-SHA256(SECRET_KEY, user id),
 stable for a deployment and not reversible without the key.
 """
-import csv
 import hashlib
 import hmac
-import io
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -229,26 +227,40 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_cell(value) -> str:
     """A CSV cell that spreadsheets will not run: text starting like a formula gets a leading '."""
+    kind = type(value)
+    if kind is str:
+        return "'" + value if value.startswith(FORMULA_PREFIXES) else value
     if value is None:
         return ""
-    if isinstance(value, bool):
+    if kind is bool:
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value) if isinstance(value, float) else str(value)
-    if not isinstance(value, str):
-        value = orjson.dumps(value).decode()
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return repr(value)
+    value = orjson.dumps(value).decode()  # conversational messages: their JSON
     return "'" + value if value.startswith(FORMULA_PREFIXES) else value
 
 
+def _csv_field(cell: str) -> str:
+    """RFC 4180 quoting, as csv.QUOTE_MINIMAL does it (written out: several times faster per row)."""
+    if '"' in cell:
+        return '"' + cell.replace('"', '""') + '"'
+    if "," in cell or "\n" in cell or "\r" in cell:
+        return '"' + cell + '"'
+    return cell
+
+
 def stream_csv(rows: Iterable[dict], *, fields: tuple[str, ...] = ROW_FIELDS) -> Iterator[bytes]:
-    """CSV (RFC 4180, UTF-8, header row); conversational cells hold the messages as JSON."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(fields)
+    """CSV (RFC 4180, UTF-8, CRLF, header row); conversational cells hold the messages as JSON."""
+    lines = [",".join(map(_csv_field, fields))]
+    size = 0
     for row in rows:
-        writer.writerow([csv_cell(row.get(f)) for f in fields])
-        if out.tell() >= STREAM_CHUNK_BYTES:
-            yield out.getvalue().encode()
-            out.seek(0)
-            out.truncate()
-    yield out.getvalue().encode()
+        line = ",".join([_csv_field(csv_cell(row.get(f))) for f in fields])
+        lines.append(line)
+        size += len(line)
+        if size >= STREAM_CHUNK_BYTES:
+            yield ("\r\n".join(lines) + "\r\n").encode()
+            lines, size = [], 0
+    if lines:
+        yield ("\r\n".join(lines) + "\r\n").encode()

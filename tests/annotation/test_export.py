@@ -176,6 +176,14 @@ class TestCsv:
         assert row["prompt"].startswith("\n\nHuman: =HYPERLINK")  # starts with a newline: not a formula
         assert row["margin"] == "0.0" and row["strength"] == "2" and row["chosen_safe"] == "true"
 
+    def test_csv_quoting_reads_back_with_the_csv_module(self):
+        tricky = ['say "hi", twice', "line\nbreak", "cr\r\nlf", "", "plain", '"', ",", "ünïcödé 🙂", " lead"]
+        rows = [{"prompt": t, "chosen": t[::-1], "rejected": "x", "id": i} for i, t in enumerate(tricky)]
+        text = b"".join(exports.stream_csv(iter(rows), fields=("id", "prompt", "chosen", "rejected"))).decode()
+        table = list(csv.reader(io.StringIO(text, newline="")))
+        assert table[0] == ["id", "prompt", "chosen", "rejected"]
+        assert [r[1:3] for r in table[1:]] == [[t, t[::-1]] for t in tricky]
+
     @pytest.mark.parametrize("value, cell", [
         ("=1+1", "'=1+1"), ("-2", "'-2"), ("+x", "'+x"), ("@x", "'@x"), ("\tx", "'\tx"), ("\rx", "'\rx"),
         ("plain", "plain"), ("", ""), (None, ""), (-1.5, "-1.5"), (True, "true"),
