@@ -52,11 +52,11 @@ class DemoBuildConfig:
     n_kv_heads: int = 3  # grouped-query attention, as the 70B model has
     multiple_of: int = 64  # FFN hidden size rounds up to this (512 at dim 192)
     max_seq_len: int = 256  # context: the longest world dialogue is about 130 tokens
-    base_steps: int = 220  # optimizer steps of demo-base
-    base_lr: float = 2e-3
+    base_steps: int = 400  # optimizer steps of demo-base
+    base_lr: float = 3e-3
     base_dialogs: int = 8000  # sloppy-mix dialogues drawn for demo-base
     knowledge_repeats: int = 2  # copies of each fact statement in demo-base's data
-    sft_steps: int = 100  # further steps of demo-sft on clean answers
+    sft_steps: int = 150  # further steps of demo-sft on clean answers
     sft_lr: float = 1e-3
     sft_dialogs: int = 4000
     batch_size: int = 32

@@ -6,6 +6,7 @@ computed exactly as policy.checkpoints.sha256_of_checkpoint does (a test pins th
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -184,6 +185,8 @@ def checkpoint_register(
 
 # --- sampling jobs: two arms answer prompts, the workers pair the answers up --------------------
 
+logger = logging.getLogger(__name__)
+
 # Llama 2 diversified pairs by sampling two checkpoints and/or temperatures; these are the arms used
 # when nobody chose any (annotator-written prompts, continuations, the demo's prompts).
 DEFAULT_TEMPERATURE_NEWEST = 0.7
@@ -309,8 +312,16 @@ def prompts_answer_waiting(*, created_by: AbstractBaseUser | None = None, seed: 
 
 
 def prompt_answer_request(*, prompt: Prompt) -> GenerationJob | None:
-    """Ask the default arms to answer one freshly written prompt (None while there are none)."""
-    arms = generation_arms_default()
+    """Ask the default arms to answer one freshly written prompt (None while there are none).
+
+    A misconfigured TANDEM_DEFAULT_ARMS is logged, not raised: the annotator's prompt is kept and
+    waits, and prompts_answer_waiting() answers it once the setting is fixed.
+    """
+    try:
+        arms = generation_arms_default()
+    except ImproperlyConfigured:
+        logger.exception("prompt %s waits: the default sampling arms are misconfigured", prompt.pk)
+        return None
     if arms is None:
         return None
     return generation_job_create(prompts=[prompt], arm_a=arms[0], arm_b=arms[1], seed=prompt.pk,

@@ -92,7 +92,7 @@ def test_default_arms(settings) -> None:
 
 @pytest.mark.django_db
 def test_annotator_prompt_waits_without_checkpoints_and_is_queued_with_them(
-    django_capture_on_commit_callbacks, enqueued, annotator
+    django_capture_on_commit_callbacks, enqueued, annotator, settings
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         lonely = annotation_services.prompt_write(author=annotator, text="Is anyone there?")
@@ -103,6 +103,10 @@ def test_annotator_prompt_waits_without_checkpoints_and_is_queued_with_them(
     job = GenerationJob.objects.get()
     assert enqueued == [job.pk] and list(job.prompts.all()) == [written]
     assert (job.arm_a_checkpoint, job.arm_b_checkpoint, job.created_by) == (sft, base, annotator)
+    # A broken setting keeps the prompt (waiting) instead of failing the annotator's request.
+    settings.TANDEM_DEFAULT_ARMS = "demo-sft"
+    kept = annotation_services.prompt_write(author=annotator, text="Still there?")
+    assert kept.awaiting_responses and GenerationJob.objects.count() == 1
 
 
 @pytest.mark.django_db

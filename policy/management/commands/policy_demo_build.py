@@ -1,6 +1,7 @@
 """Build the demo policy (demo-base and demo-sft) and register it; optionally have it answer some of
 the demo world's prompts so annotators find its answers among the comparisons."""
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -41,7 +42,10 @@ class Command(BaseCommand):
                             help="Then have the default arms answer N prompts of the demo world (a generation job).")
 
     def handle(self, *args, if_missing=False, out=None, overrides=(), answer=0, **options):
-        from policy.demo_policy import DemoBuildConfig  # torch: only when this command runs
+        # OpenMP threads that spin while waiting for a core another process holds make each training
+        # step several times slower on a busy machine; passive waiting costs little on an idle one.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from policy.demo_policy import DemoBuildConfig  # torch: only when this command runs, after the line above
 
         config = _override(DemoBuildConfig(), list(overrides))
         names = [config.base_name, config.sft_name]
