@@ -135,3 +135,5 @@ def test_command_registers_once_and_answers_demo_prompts(tmp_path: Path, setting
     assert (out / "demo-sft" / "consolidated.00.pth").stat().st_mtime_ns == weights
     with pytest.raises(CommandError, match="base_steps"):
         call_command("policy_demo_build", "--out", str(out), "--set", "base_steps=many")
+    with pytest.raises(CommandError, match="outside the model roots"):
+        call_command("policy_demo_build", "--out", str(tmp_path.parent / "elsewhere"), "--set", "base_name=x")

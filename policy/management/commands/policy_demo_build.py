@@ -50,7 +50,11 @@ class Command(BaseCommand):
         config = _override(DemoBuildConfig(), list(overrides))
         names = [config.base_name, config.sft_name]
         existing = {c.name for c in Checkpoint.objects.filter(name__in=names)}
-        out_root = Path(out) if out else Path(settings.TANDEM_MODEL_ROOTS[0]) / "demo"
+        try:  # refused now rather than after minutes of training: checkpoints live inside the model roots
+            out_root = services.resolve_in_model_roots(out or str(Path(settings.TANDEM_MODEL_ROOTS[0]) / "demo"),
+                                                       field="out")
+        except ValidationError as error:
+            raise CommandError("; ".join(error.messages)) from None
         if existing == set(names):
             if not if_missing:
                 raise CommandError(f"Checkpoints {', '.join(names)} exist already; pass --if-missing to keep them, "
