@@ -96,11 +96,16 @@ def test_reloaded_checkpoint_chats(built) -> None:
 
 @pytest.mark.django_db
 def test_command_registers_once_and_answers_demo_prompts(tmp_path: Path, settings) -> None:
+    from django.contrib.auth.models import User
+
+    from annotation import services as annotation_services
     from annotation.models import Prompt
     from policy.models import Checkpoint, GenerationJob
 
     settings.TANDEM_MODEL_ROOTS = [tmp_path]
     settings.TANDEM_DEFAULT_ARMS = ""
+    annotator = User.objects.create_user("early-bird")
+    early = annotation_services.prompt_write(author=annotator, text="Written before any checkpoint existed?")
     out = tmp_path / "demo"
     tiny = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
     tiny = [*tiny, "--set", "eval_prompts=0", "--set", "base_steps=2", "--set", "sft_steps=2"]
@@ -110,7 +115,8 @@ def test_command_registers_once_and_answers_demo_prompts(tmp_path: Path, setting
     assert sft.path == str((out / "demo-sft").resolve()) and sft.sha256 == sha256_of_checkpoint(out / "demo-sft")
     assert sft.tokenizer_path == str(out / "demo-sft" / "tokenizer.model") and len(sft.tokenizer_sha256) == 64
     assert sft.params == json.loads((out / "demo-sft" / "params.json").read_text())
-    job = GenerationJob.objects.get()
+    waiting, job = GenerationJob.objects.order_by("id")
+    assert list(waiting.prompts.all()) == [early]
     assert (job.arm_a_checkpoint, job.arm_a_temperature, job.arm_b_checkpoint, job.arm_b_temperature) == (
         sft, 0.7, base, 1.0)
     prompts = list(job.prompts.all())
@@ -119,13 +125,13 @@ def test_command_registers_once_and_answers_demo_prompts(tmp_path: Path, setting
 
     weights = (out / "demo-sft" / "consolidated.00.pth").stat().st_mtime_ns
     call_command("policy_demo_build", "--out", str(out), "--if-missing", "--answer", "5")
-    assert Checkpoint.objects.count() == 2 and GenerationJob.objects.count() == 1  # its prompts are still queued
-    assert Prompt.objects.count() == 5
+    assert Checkpoint.objects.count() == 2 and GenerationJob.objects.count() == 2  # their prompts are still queued
+    assert Prompt.objects.count() == 6
     with pytest.raises(CommandError, match="exist already"):
         call_command("policy_demo_build", "--out", str(out))
 
     # The database was reset but the files survived: --if-missing registers them without training.
-    job.delete()
+    GenerationJob.objects.all().delete()
     Checkpoint.objects.filter(name="demo-sft").delete()
     with pytest.raises(CommandError, match="Only demo-base"):
         call_command("policy_demo_build", "--out", str(out), "--if-missing")

@@ -67,6 +67,9 @@ class Command(BaseCommand):
             self._register(self._found_on_disk(out_root, config))
         else:
             self._register(self._build(out_root, config))
+        waiting = services.prompts_answer_waiting()  # prompts written while no checkpoint could answer
+        if waiting is not None:
+            self.stdout.write(f"Generation job {waiting.pk}: the workers answer {waiting.prompts.count()} waiting prompts.")
         if answer > 0:
             job = services.demo_prompts_answer(count=answer)
             if job is None:
