@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from policy.checkpoints import load_checkpoint
 from policy.model import ModelArgs, Transformer, apply_rope, rope_rotations
@@ -100,6 +101,8 @@ class RewardModel(nn.Module):
         lengths (N, 3): each row is one packed pair (rewards.data.collate_packed): the shared prefix, the
         chosen continuation, the rejected continuation, of these lengths -> (2N,) rewards, chosen first;
         equal to scoring the 2N full sequences, with each prefix run once.
+        lengths may stay on the CPU (as collate makes them): they are checked there, without waiting
+        for the device, and then moved.
         """
         N, T = tokens.shape
         dev = tokens.device
@@ -119,9 +122,9 @@ class RewardModel(nn.Module):
             raise ValueError(f"packed lengths must be ({N}, 3): prefix, chosen and rejected parts of >= 1 token")
         if int(lengths.sum(1).max()) > T:
             raise ValueError(f"packed pairs longer than the {T} token columns")
-        prefix, chosen, rejected = (lengths.to(dev)[:, i:i + 1] for i in range(3))  # each (N, 1)
-        if int((prefix + torch.maximum(chosen, rejected)).max()) > self.args.max_seq_len:
+        if int((lengths[:, 0] + lengths[:, 1:].max(1).values).max()) > self.args.max_seq_len:
             raise ValueError(f"a sequence is longer than max_seq_len {self.args.max_seq_len}")
+        prefix, chosen, rejected = (lengths.to(dev, non_blocking=True)[:, i:i + 1] for i in range(3))  # each (N, 1)
         idx = torch.arange(T, device=dev)[None, :]  # (1, T)
         in_chosen = (idx >= prefix) & (idx < prefix + chosen)  # (N, T)
         in_rejected = (idx >= prefix + chosen) & (idx < prefix + chosen + rejected)  # (N, T)
@@ -148,7 +151,7 @@ class RewardModel(nn.Module):
         for layer in body:
             att = layer.attention
             q, k, v = _qkv(att, layer.attention_norm(h), rotations)  # (N, H|K, T, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask is None, enable_gqa=True)
+            out = _attention(q, k, v, attn_mask, causal=mask is None)
             h = h + att.wo(out.transpose(1, 2).reshape(h.shape))
             h = h + layer.feed_forward(layer.ffn_norm(h))
 
@@ -162,7 +165,7 @@ class RewardModel(nn.Module):
             read_mask = torch.arange(h.shape[1], device=h.device)[None, None, :] <= ends[:, :, None]  # (N, R, T)
         else:
             read_mask = mask[rows, ends]  # (N, R, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=read_mask[:, None], enable_gqa=True)  # (N, H, R, D)
+        out = _attention(q, k, v, read_mask[:, None], causal=False)  # (N, H, R, D)
         hr = h[rows, ends] + att.wo(out.transpose(1, 2).reshape(N, R, -1))  # (N, R, dim)
         hr = bb.norm(hr + last.feed_forward(last.ffn_norm(hr)))
         # The head in float32 even under bf16 autocast: one dim-long dot product, and rewards are compared
@@ -175,6 +178,19 @@ class RewardModel(nn.Module):
 def _check_lengths(lengths: Tensor, n: int, t: int, name: str) -> None:
     if lengths.shape != (n,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
         raise ValueError(f"{name} must be ({n},) with values in 1..{t}")
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """Scaled dot-product attention of q (B, H, Tq, D) over k, v (B, K, Tk, D), K dividing H."""
+    if q.device.type == "cuda":
+        # Not cuDNN's kernel: it builds a new execution graph for each new shape, tens of milliseconds of
+        # CPU per call, and micro-batches here change shape every time. The flash and memory-efficient
+        # kernels take any shape; the latter wants k and v with every query head.
+        if (rep := q.shape[1] // k.shape[1]) > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 def _qkv(att, x: Tensor, rotations: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -323,7 +339,7 @@ def rewards_of(model: RewardModel, sequences: Sequence[Sequence[int]], *, pad_id
             for row, i in enumerate(idx):
                 tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
             with _autocast(device):
-                rewards = model(tokens.to(device), lengths.to(device))
+                rewards = model(tokens.to(device), lengths)
             for i, r in zip(idx, rewards.tolist()):
                 out[i] = r
     finally:

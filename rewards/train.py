@@ -339,7 +339,8 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
             sync = nullcontext() if world.size == 1 or j == len(mine) - 1 else ddp.no_sync()
             with sync:
                 with _autocast(world.device):
-                    rewards = ddp(tokens.to(world.device), lengths.to(world.device))  # (2B,): chosen, rejected
+                    # lengths stay on the CPU: the model checks them there without waiting for the device
+                    rewards = ddp(tokens.to(world.device, non_blocking=True), lengths)  # (2B,): chosen, rejected
                 r_chosen, r_rejected = rewards[:B], rewards[B:]
                 losses = pairwise_loss(r_chosen, r_rejected, margin, config.center_coef)  # (B,)
                 (losses.sum() * (world.size / step_pairs)).backward()
