@@ -10,15 +10,17 @@ import secrets
 from datetime import datetime, timedelta
 
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.contrib.auth import get_user_model
+from django.db import connection, transaction
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from .models import ApiToken
+from .permissions import ROLES, remember_roles
 from .throttling import client_ident, login_failures, token_failures
 
 TOKEN_PREFIX = "tdm_"
@@ -80,20 +82,60 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             token_failures.record(ident)
             raise exceptions.AuthenticationFailed("Malformed Authorization header: expected 'Bearer <token>'.")
         token = header[1].decode(errors="replace")
-        row = (
-            ApiToken.objects.select_related("user").filter(key_hash=hash_token(token), revoked_at__isnull=True).first()
-        )
+        found = _lookup_token(hash_token(token))
         now = timezone.now()
-        if row is None or not row.user.is_active or (row.expires_at and row.expires_at <= now):
+        if found is None or not found[1].is_active or (found[0].expires_at and found[0].expires_at <= now):
             token_failures.record(ident)
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+        row, user, roles = found
+        remember_roles(user, roles)
+        row.user = user
         if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
             ApiToken.objects.filter(pk=row.pk).update(last_used_at=now)
-        return row.user, row
+        return user, row
 
     def authenticate_header(self, request) -> str:
         # Makes unauthenticated API requests 401 (with this challenge) rather than 403.
         return 'Bearer realm="api"'
+
+
+def _lookup_token(key_hash: str):
+    """(token row, its user, the user's role names) for an active token hash, or None.
+
+    One hand-written query on every API request: the same lookup through the ORM (select_related
+    plus two EXISTS annotations) spent about 1 ms compiling SQL, a sixth of a whole judgment
+    submission. Column lists and value conversions still come from the models' metadata.
+    """
+    user_model = get_user_model()
+    token_fields, user_fields = ApiToken._meta.concrete_fields, user_model._meta.concrete_fields
+    membership = user_model.groups.through._meta
+    quote = connection.ops.quote_name
+    columns = [f"t.{quote(f.column)}" for f in token_fields] + [f"u.{quote(f.column)}" for f in user_fields]
+    has_role = (f"EXISTS (SELECT 1 FROM {quote(membership.db_table)} m JOIN {quote(Group._meta.db_table)} g "
+                f"ON g.{quote('id')} = m.{quote('group_id')} WHERE m.{quote('user_id')} = u.{quote(user_model._meta.pk.column)} "
+                f"AND g.{quote('name')} = %s)")
+    sql = (f"SELECT {', '.join(columns)}, {', '.join([has_role] * len(ROLES))} "
+           f"FROM {quote(ApiToken._meta.db_table)} t JOIN {quote(user_model._meta.db_table)} u "
+           f"ON u.{quote(user_model._meta.pk.column)} = t.{quote('user_id')} "
+           f"WHERE t.{quote('key_hash')} = %s AND t.{quote('revoked_at')} IS NULL")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*ROLES, key_hash])
+        values = cursor.fetchone()
+    if values is None:
+        return None
+    n_token, n_user = len(token_fields), len(user_fields)
+    fields = [_from_db(field, value) for field, value in zip([*token_fields, *user_fields], values)]
+    row = ApiToken.from_db(connection.alias, [f.attname for f in token_fields], fields[:n_token])
+    user = user_model.from_db(connection.alias, [f.attname for f in user_fields], fields[n_token:])
+    return row, user, [name for name, has in zip(ROLES, values[n_token + n_user:]) if has]
+
+
+def _from_db(field, value):
+    """A column value as the ORM would hand it over (e.g. SQLite's text datetimes become aware datetimes)."""
+    expression = field.get_col(field.model._meta.db_table)
+    for convert in [*connection.ops.get_db_converters(expression), *expression.get_db_converters(connection)]:
+        value = convert(value, expression, connection)
+    return value
 
 
 # --- HTML login ---------------------------------------------------------------------------------

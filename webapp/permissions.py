@@ -25,6 +25,11 @@ def roles_of(user) -> frozenset[str]:
     return cached
 
 
+def remember_roles(user, names) -> None:
+    """Set the user's roles from a query that already read them (token authentication does)."""
+    user._tandem_roles = frozenset(n for n in names if n in ROLES) | ({"admin"} if user.is_staff else frozenset())
+
+
 def is_admin(user) -> bool:
     return "admin" in roles_of(user)
 

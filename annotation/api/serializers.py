@@ -111,17 +111,25 @@ class JudgmentSubmitSerializer(serializers.Serializer):
                                            max_value=86400)
 
 
-class JudgmentSerializer(serializers.ModelSerializer):
+class JudgmentSerializer(serializers.Serializer):
+    """A judgment as its annotator sees it. Declared field by field (not a ModelSerializer, whose
+    per-instance field building was a tenth of a submission's time)."""
+    id = serializers.IntegerField(read_only=True)
+    comparison = serializers.IntegerField(source="comparison_id", read_only=True)
+    assignment = serializers.IntegerField(source="assignment_id", read_only=True, allow_null=True)
     annotator = serializers.SerializerMethodField()
+    source = serializers.ChoiceField(choices=Judgment.Source.choices, read_only=True)
+    chosen = serializers.ChoiceField(choices=Judgment.Choice.choices, read_only=True)
+    strength = serializers.IntegerField(read_only=True, allow_null=True, help_text="0-3; null when imported")
+    a_safe = serializers.BooleanField(read_only=True, allow_null=True)
+    b_safe = serializers.BooleanField(read_only=True, allow_null=True)
+    safety_bin = serializers.SerializerMethodField()
+    harm_categories = serializers.ListField(child=serializers.CharField(), read_only=True)
+    note = serializers.CharField(read_only=True)
+    seconds_spent = serializers.FloatField(read_only=True, allow_null=True)
     batch = serializers.CharField(source="comparison.batch.label", read_only=True, allow_null=True, default=None)
     split = serializers.SerializerMethodField()
-    safety_bin = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Judgment
-        fields = ["id", "comparison", "assignment", "annotator", "source", "chosen", "strength", "a_safe", "b_safe",
-                  "safety_bin", "harm_categories", "note", "seconds_spent", "batch", "split", "created_at"]
-        read_only_fields = fields
+    created_at = serializers.DateTimeField(read_only=True)
 
     def get_annotator(self, judgment) -> str | None:
         return annotator_pseudonym(judgment.annotator_id)
@@ -137,10 +145,6 @@ class ResearchJudgmentSerializer(JudgmentSerializer):
     """For researchers: which checkpoints the two sides came from."""
     chosen_checkpoint = serializers.SerializerMethodField()
     rejected_checkpoint = serializers.SerializerMethodField()
-
-    class Meta(JudgmentSerializer.Meta):
-        fields = [*JudgmentSerializer.Meta.fields, "chosen_checkpoint", "rejected_checkpoint"]
-        read_only_fields = fields
 
     def _sides(self, judgment):
         c = judgment.comparison
