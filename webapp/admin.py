@@ -11,6 +11,15 @@ class ApiTokenAddForm(forms.ModelForm):
         model = ApiToken
         fields = ["user", "name", "expires_at"]
 
+    def clean(self):
+        data = super().clean()
+        # The model's "one active token per name" constraint mentions revoked_at, which the form
+        # leaves out, so Django would not check it here.
+        if ApiToken.objects.filter(user=data.get("user"), name=(data.get("name") or "").strip(),
+                                   revoked_at__isnull=True).exists():
+            raise forms.ValidationError("This user already has an active token with that name.")
+        return data
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):

@@ -169,3 +169,26 @@ class TestCommands:
             call_command("token_revoke", "res", "--name", "cluster", stdout=StringIO())
         with pytest.raises(CommandError, match="No user"):
             call_command("token_create", "ghost", "--name", "x", stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db
+class TestAdmin:
+    def test_issue_in_the_admin_shows_the_token_once_and_revoke_action(self, admin_user, make_user):
+        user = make_user("res", role="researcher")
+        client = Client()
+        client.force_login(admin_user)
+        response = client.post("/admin/webapp/apitoken/add/", {"user": user.pk, "name": "from admin",
+                                                                "expires_at_0": "", "expires_at_1": ""}, follow=True)
+        assert response.status_code == 200
+        [message] = [str(m) for m in response.context["messages"] if "Token for" in str(m)]
+        token = message.split(": ", 1)[1].split(" ")[0]
+        row = ApiToken.objects.get(name="from admin")
+        assert row.user == user and row.key_hash == hashlib.sha256(token.encode()).hexdigest()
+        assert bearer(token).get("/api/v1/batches").status_code == 200
+        duplicate = client.post("/admin/webapp/apitoken/add/", {"user": user.pk, "name": "from admin",
+                                                                 "expires_at_0": "", "expires_at_1": ""})
+        assert duplicate.status_code == 200 and ApiToken.objects.count() == 1  # the form refused it
+        client.post("/admin/webapp/apitoken/", {"action": "revoke", "_selected_action": [row.pk]})
+        row.refresh_from_db()
+        assert row.revoked_at is not None
+        assert bearer(token).get("/api/v1/batches").status_code == 401
