@@ -47,6 +47,7 @@ class RewardTrainConfig:
     model_args: dict[str, Any] | None = None  # random init with these ModelArgs when there is no base_checkpoint
     head_bias: bool = True  # the scalar head nn.Linear(dim, 1) has a bias
     max_seq_len: int = 1024  # tokens per sequence; longer ones lose context tokens from the left
+    pack_pairs: bool = True  # one row per pair, shared prefix run once (exact); False: chosen, rejected as 2 rows
     micro_batch_size: int = 8  # pairs per forward/backward on one process
     grad_accum_steps: int = 1  # micro-batches per optimizer step on one process
     epochs: int = 1  # passes over the mix (the paper: 1, more overfits)

@@ -424,14 +424,20 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, torch):
     return tokens, lengths
 
 
-def pad_fraction(plan: Sequence[Sequence[Sequence[int]]], pairs: Sequence[EncodedPair]) -> float:
-    """Share of the token slots in the planned packed (B, T) tensors (collate_packed) that hold padding."""
+def pad_fraction(plan: Sequence[Sequence[Sequence[int]]], pairs: Sequence[EncodedPair], packed: bool = True) -> float:
+    """Share of the token slots in the planned tensors that hold padding: packed (B, T) rows
+    (collate_packed), or chosen and rejected as (2B, T) rows (collate)."""
     real = slots = 0
     for step in plan:
         for micro in step:
-            lengths = [sort_key(pairs[i]) for i in micro]
-            real += sum(lengths)
-            slots += len(lengths) * max(lengths)
+            batch = [pairs[i] for i in micro]
+            if packed:
+                lengths = [sort_key(p) for p in batch]
+                real += sum(lengths)
+                slots += len(lengths) * max(lengths)
+            else:
+                real += sum(len(p.chosen) + len(p.rejected) for p in batch)
+                slots += 2 * len(batch) * max(p.length for p in batch)
     return 1 - real / slots if slots else 0.0
 
 

@@ -47,7 +47,7 @@ from policy.checkpoints import sha256_of_checkpoint
 from policy.model import ModelArgs
 from policy.tokenizer import Tokenizer
 from rewards.config import RewardTrainConfig
-from rewards.data import EncodedPair, collate_packed, encode_pairs, pad_fraction, plan_epochs, plan_sha256, sort_key, tokens_per_pair
+from rewards.data import EncodedPair, collate, collate_packed, encode_pairs, pad_fraction, plan_epochs, plan_sha256, sort_key, tokens_per_pair
 from rewards.evaluate import evaluate_sets
 from rewards.loss import margin_tensor, pairwise_loss
 from rewards.model import RewardModel, replace_dir, save_reward_model
@@ -287,7 +287,8 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
 
     pairs: list[EncodedPair] = encode_pairs(tokenizer, train_rows, config.max_seq_len)
     micro_per_step = config.grad_accum_steps * world.size
-    plan = plan_epochs([sort_key(p) for p in pairs], seed=config.seed, micro_batch_size=config.micro_batch_size,
+    cost = sort_key if config.pack_pairs else (lambda p: p.length)  # the padded row length a pair needs
+    plan = plan_epochs([cost(p) for p in pairs], seed=config.seed, micro_batch_size=config.micro_batch_size,
                        micro_batches_per_step=micro_per_step, epochs=config.epochs)
     step_pairs = config.micro_batch_size * micro_per_step
     if not plan:
@@ -331,7 +332,10 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         stats = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss sum, correct pairs
         for j, micro in enumerate(mine):
             batch = [pairs[i] for i in micro]
-            tokens, lengths = collate_packed(batch, tokenizer.pad_id)  # (B, T), (B, 3)
+            if config.pack_pairs:
+                tokens, lengths = collate_packed(batch, tokenizer.pad_id)  # (B, T), (B, 3)
+            else:
+                tokens, lengths = collate(batch, tokenizer.pad_id)  # (2B, T), (2B,)
             B = len(batch)
             margin = margin_tensor([p.strength for p in batch], config.margin, [p.row_margin for p in batch],
                                    device=world.device)
@@ -383,7 +387,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         n_trained = total_steps * step_pairs
         train_metrics = {
             "curve": curve,
-            "pad_fraction": pad_fraction(plan, pairs),
+            "pad_fraction": pad_fraction(plan, pairs, packed=config.pack_pairs),
             "tokens_per_pair": tokens_per_pair(pairs),
             "truncated_sequences": sum(p.truncated for p in pairs),
             "pairs_per_s": (total_steps - start_step) * step_pairs / train_seconds if train_seconds else None,

@@ -234,6 +234,8 @@ def test_bucketing_cuts_padding() -> None:
     # make a (2, 5) tensor: 9 real tokens in 10 slots.
     tiny = [EncodedPair(0, [1, 2, 3], [1, 2], None, 0.0, 0), EncodedPair(1, [1, 2], [1, 5, 6, 7], None, 0.0, 0)]
     assert [p.shared for p in tiny] == [1, 1] and pad_fraction([[[0, 1]]], tiny) == pytest.approx(1 / 10)
+    # Unpacked, the same pairs are 4 rows padded to 4: 11 real tokens in 16 slots.
+    assert pad_fraction([[[0, 1]]], tiny, packed=False) == pytest.approx(5 / 16)
     assert tokens_per_pair(tiny) == {"shared_prefix_once": 4.5, "two_full_sequences": 5.5}
 
 

@@ -70,13 +70,33 @@ def test_accumulation_gives_the_same_step_as_a_big_batch(tmp_path, rm_policy_dir
     # The loss is averaged over the step's pairs, not per micro-batch: 2 x 4 pairs == 1 x 8 pairs.
     rows = synthetic.make_rows(40, seed=1, adversarial_fraction=0.0, imported_fraction=0.0)
     mix = build_mix(rows, kind="helpfulness", seed=0)
-    a = train_reward_model(tiny_config(rm_policy_dir, micro_batch_size=4, grad_accum_steps=2), mix.train, {}, tmp_path / "a")
-    b = train_reward_model(tiny_config(rm_policy_dir, micro_batch_size=8), mix.train, {}, tmp_path / "b")
+    # (center_coef: see test_packed_and_unpacked_pairs_train_the_same_model)
+    a = train_reward_model(tiny_config(rm_policy_dir, micro_batch_size=4, grad_accum_steps=2, center_coef=0.01),
+                           mix.train, {}, tmp_path / "a")
+    b = train_reward_model(tiny_config(rm_policy_dir, micro_batch_size=8, center_coef=0.01), mix.train, {}, tmp_path / "b")
     wa = safetensors.torch.load_file(Path(a.model_dir) / "model.safetensors")
     wb = safetensors.torch.load_file(Path(b.model_dir) / "model.safetensors")
     assert a.steps == b.steps > 2 and a.plan_sha256 != b.plan_sha256  # same pairs per step, cut differently
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_packed_and_unpacked_pairs_train_the_same_model(tmp_path, rm_policy_dir) -> None:
+    # Packing (shared prefix once) is exact: the same steps give the same weights as chosen and rejected
+    # run as separate rows, up to float rounding.
+    rows = synthetic.make_rows(40, seed=2, adversarial_fraction=0.0, imported_fraction=0.0, context_turns=1)
+    mix = build_mix(rows, kind="helpfulness", seed=0)
+    # center_coef > 0 gives the head's bias a real gradient: in the plain ranking loss it cancels (r_c - r_r)
+    # and its gradient is rounding noise, which Adam's normalisation would blow up to lr-sized steps.
+    packed = train_reward_model(tiny_config(rm_policy_dir, center_coef=0.01), mix.train, {}, tmp_path / "packed")
+    plain = train_reward_model(tiny_config(rm_policy_dir, center_coef=0.01, pack_pairs=False), mix.train, {},
+                               tmp_path / "plain")
+    wa = safetensors.torch.load_file(Path(packed.model_dir) / "model.safetensors")
+    wb = safetensors.torch.load_file(Path(plain.model_dir) / "model.safetensors")
+    assert packed.steps == plain.steps >= 5
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+    assert packed.train["tokens_per_pair"]["shared_prefix_once"] < 0.8 * packed.train["tokens_per_pair"]["two_full_sequences"]
 
 
 def test_divergence_stops_with_step_and_keeps_the_last_good_checkpoint(tmp_path, rm_policy_dir, monkeypatch) -> None:
