@@ -120,6 +120,27 @@ async def _load(port: int, plan: dict[str, list[int]], concurrency: int) -> tupl
     return latencies, errors, time.perf_counter() - start
 
 
+def _cpu_by_owner(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of gunicorn, the bench database's PostgreSQL backends, this client, and
+    everything else on the machine (other people's work shares these cores)."""
+    import psutil
+
+    db = os.environ["DATABASE_URL"].rsplit("/", 1)[1]
+    gunicorn = {server_pid, *(c.pid for c in psutil.Process(server_pid).children())}
+    totals = {"gunicorn": 0.0, "postgres": 0.0, "client": 0.0, "others": 0.0}
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        try:
+            times, cmd = process.info["cpu_times"], " ".join(process.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if times is None:
+            continue
+        owner = ("gunicorn" if process.info["pid"] in gunicorn else "postgres" if f" {db} " in cmd
+                 else "client" if process.info["pid"] == os.getpid() else "others")
+        totals[owner] += times.user + times.system
+    return totals
+
+
 def run_config(worker_class: str, workers: int, threads: int, concurrency: int, n_requests: int, warmup: int,
                port: int) -> dict:
     plan = setup(n_requests)
@@ -143,7 +164,9 @@ def run_config(worker_class: str, workers: int, threads: int, concurrency: int, 
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
+        before = _cpu_by_owner(server.pid)
         latencies, errors, seconds = asyncio.run(_load(port, plan, concurrency))
+        after = _cpu_by_owner(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -153,7 +176,8 @@ def run_config(worker_class: str, workers: int, threads: int, concurrency: int, 
     return {"config": f"{worker_class} x{workers}" + (f" ({threads} threads)" if worker_class == "gthread" else ""),
             "concurrency": concurrency, "requests": len(measured), "seconds": seconds,
             "rps": len(latencies) / seconds, "p50": q[49] * 1000, "p90": q[89] * 1000, "p99": q[98] * 1000,
-            "errors": len(errors), "first_error": errors[0] if errors else ""}
+            "errors": len(errors), "first_error": errors[0] if errors else "",
+            "cpu": {k: (after[k] - before.get(k, 0.0)) / seconds * 100 for k in after}}
 
 
 def main() -> None:
@@ -164,23 +188,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000, help="submissions per run")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration")
     args = parser.parse_args()
     results = []
     for config in args.configs.split(","):
         worker_class, _, sizes = config.partition(":")
         workers, _, threads = sizes.partition("x")
-        for concurrency in map(int, args.concurrency.split(",")):
+        for concurrency in [int(c) for c in args.concurrency.split(",") for _ in range(args.repeats)]:
             r = run_config(worker_class, int(workers), int(threads or 1), concurrency, args.requests, args.warmup,
                            args.port)
             results.append(r)
             print(f"  {r['config']:<22} c={concurrency:<3} {r['rps']:7.0f} req/s  p50 {r['p50']:6.1f} ms  "
-                  f"p99 {r['p99']:6.1f} ms  errors {r['errors']} {r['first_error']}", file=sys.stderr)
+                  f"p99 {r['p99']:6.1f} ms  errors {r['errors']} {r['first_error']}  cpu {r['cpu']}", file=sys.stderr)
     print()
-    print("| gunicorn | clients | submissions | req/s | p50 (ms) | p90 (ms) | p99 (ms) | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| gunicorn | clients | submissions | req/s | p50 (ms) | p90 (ms) | p99 (ms) | errors "
+          "| CPU % gunicorn / postgres / client / others |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
+        cpu = r["cpu"]
         print(f"| {r['config']} | {r['concurrency']} | {r['requests']:,} | {r['rps']:,.0f} | {r['p50']:.1f} | "
-              f"{r['p90']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+              f"{r['p90']:.1f} | {r['p99']:.1f} | {r['errors']} | {cpu['gunicorn']:.0f} / {cpu['postgres']:.0f} / "
+              f"{cpu['client']:.0f} / {cpu['others']:.0f} |")
 
 
 if __name__ == "__main__":
