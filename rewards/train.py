@@ -301,7 +301,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         "plan_sha256": plan_sha256(plan, ids),
         "manifest_sha256": (manifest or {}).get("sha256"),
     }
-    done = _finished_result(out, expected_state, config) if resume else None
+    done = _finished_result(out, expected_state) if resume else None
     if done is not None:
         return done
 
@@ -313,9 +313,11 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
 
     start_step = 0
     last_checkpoint = None
+    curve: list[dict[str, float]] = []  # per step: loss, accuracy, lr, grad_norm
     if resume and (existing := _checkpoint_dirs(out)):
         _check_resumable(existing[-1], expected_state)
         start_step = _load_checkpoint(existing[-1], model, optimizer, scheduler)
+        curve = json.loads((existing[-1] / "state.json").read_text())["curve"]
         last_checkpoint = str(existing[-1])
     elif not resume and world.main:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -323,7 +325,6 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
 
     ddp = DistributedDataParallel(model) if world.size > 1 else model
     model.train()
-    curve: list[dict[str, float]] = []
     loss_value = float("nan")
     step_started = time.perf_counter()
     train_seconds = 0.0
@@ -377,7 +378,7 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
             progress(step + 1, total_steps, metrics)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
             if world.main:
-                state = {**expected_state, "step": step + 1, "total_steps": total_steps}
+                state = {**expected_state, "step": step + 1, "total_steps": total_steps, "curve": curve}
                 last_checkpoint = str(_save_checkpoint(out, step + 1, model, optimizer, scheduler, state,
                                                        config.keep_checkpoints))
             world.barrier()
@@ -415,11 +416,11 @@ def _train(config, train_rows, eval_sets, out, progress, resume, manifest, world
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the final model supersedes them
     world.barrier()
     if result is None:  # other processes return what the main process wrote
-        result = _finished_result(out, expected_state, config)
+        result = _finished_result(out, expected_state)
     return result
 
 
-def _finished_result(out: Path, expected_state: Mapping[str, Any], config: RewardTrainConfig) -> TrainResult | None:
+def _finished_result(out: Path, expected_state: Mapping[str, Any]) -> TrainResult | None:
     """The saved result of a finished run with the same config and data, or None."""
     path = out / RESULT
     if not path.is_file() or not (out / FINAL).is_dir():

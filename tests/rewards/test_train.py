@@ -205,6 +205,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, rm_policy_dir) -> None:
     res_result = json.loads((tmp_path / "interrupted" / "result.json").read_text())
     assert ref_result["weights_sha256"] == res_result["weights_sha256"]
     assert ref_result["final_loss"] == res_result["final_loss"] and math.isfinite(res_result["final_loss"])
+    assert ref_result["train"]["curve"] == res_result["train"]["curve"]  # the steps before the kill included
 
 
 def test_command_line_trains_and_evaluates(tmp_path, rm_policy_dir) -> None:
