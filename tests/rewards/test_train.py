@@ -244,3 +244,18 @@ def test_command_line_errors(tmp_path, rm_policy_dir, capsys) -> None:
     code = train_main(["--data", str(snapshot), "--out", str(tmp_path / "x"), "--base-checkpoint", str(rm_policy_dir)])
     assert code == 2 and "fewer than the minimum" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_torch_side_imports_no_django() -> None:
+    # The web process never imports torch; the torch side never imports Django (workers call it with rows).
+    code = ("import sys, rewards.config, rewards.loss, rewards.data, rewards.model, rewards.train, rewards.evaluate, "
+            "rewards.cli; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'rest_framework', "
+            "'celery')); print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_module_entry_point_lists_its_commands(capsys) -> None:
+    from rewards.cli import main
+
+    assert main([]) == 2 and "train,evaluate" in capsys.readouterr().err
