@@ -75,6 +75,10 @@ class ComparisonBulkPushSerializer(serializers.Serializer):
     comparisons = ComparisonPushSerializer(many=True, max_length=500, allow_empty=False)
 
 
+class ComparisonBulkResultSerializer(serializers.Serializer):
+    comparisons = ComparisonSerializer(many=True, read_only=True)
+
+
 class AssignmentComparisonSerializer(serializers.Serializer):
     id = serializers.IntegerField(read_only=True)
     prompt = PromptSerializer(read_only=True)

@@ -47,7 +47,7 @@ class ApiViewSet(StrictQueryParamsMixin, viewsets.GenericViewSet):
 
 @extend_schema_view(
     create=extend_schema(request=s.ComparisonPushSerializer, responses={201: s.ComparisonSerializer}),
-    bulk=extend_schema(request=s.ComparisonBulkPushSerializer, responses={201: s.ComparisonSerializer(many=True)}),
+    bulk=extend_schema(request=s.ComparisonBulkPushSerializer, responses={201: s.ComparisonBulkResultSerializer}),
 )
 class ComparisonViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
     """Comparisons: researchers read; admins push them from an external system (atomic)."""
@@ -78,7 +78,7 @@ class ComparisonViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
             for item in push.validated_data["comparisons"]
         ])
         created = self.get_queryset().filter(pk__in=ids).order_by("id")
-        return Response(s.ComparisonSerializer(created, many=True).data, status=status.HTTP_201_CREATED)
+        return Response(s.ComparisonBulkResultSerializer({"comparisons": created}).data, status=status.HTTP_201_CREATED)
 
 
 # --- assignments and judging --------------------------------------------------------------------------
@@ -145,9 +145,12 @@ class AssignmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
 
 def _int_or_404(value) -> int:
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise Http404("No such assignment.") from None
+    if not 0 < number < 2**63:  # beyond any id; databases refuse such literals
+        raise Http404("No such assignment.")
+    return number
 
 
 # --- judgments -------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ class TestComparisonsPush:
         assert response.status_code == 400 and "comparisons[1]" in response.content.decode()
         assert not Comparison.objects.exists() and not Response.objects.exists()
         response = client.post("/api/v1/comparisons/bulk", {"comparisons": [good, good]}, format="json")
-        assert response.status_code == 201 and len(response.json()) == 2
+        assert response.status_code == 201 and len(response.json()["comparisons"]) == 2
 
     def test_only_admins_push(self, client_for, researcher, annotator):
         for user in (researcher, annotator):
@@ -396,3 +396,10 @@ def test_concurrent_replays_make_one_judgment(make_comparison, annotator):
         t.join()
     assert sorted(statuses) == [200, 200, 200, 201]
     assert len(set(bodies)) == 1 and Judgment.objects.count() == 1
+
+
+@pytest.mark.parametrize("pk", ["20324516786969396641792", "-1", "0", "x"])
+def test_out_of_range_ids_are_404(client_for, annotator, pk):
+    client = client_for(annotator)
+    assert client.post(f"/api/v1/assignments/{pk}/judgment", SUBMIT, format="json").status_code == 404
+    assert client.get(f"/api/v1/assignments/{pk}").status_code == 404
