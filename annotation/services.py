@@ -421,28 +421,27 @@ def judgment_submit_once(
     The assignment row is locked first, so two concurrent replays of one submission serialize and
     the second sees the first's judgment. A key already used on another assignment is an error.
     """
-    # Hand-written SQL (it runs before judgment_submit's own queries on every submission; through
-    # the ORM these checks cost about 1 ms of query compilation). Two statements, not one: a
-    # statement that waited for the lock still reads with its old snapshot, and would miss the
-    # judgment a concurrent replay just committed.
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    # One hand-written statement (it runs before judgment_submit's own queries on every submission;
+    # through the ORM it cost about 1 ms of query compilation). It locks the caller's assignment
+    # and reads its status: a statement that waited for the lock sees the row as the concurrent
+    # replay committed it ("submitted"), though its subquery still reads the older snapshot --
+    # which is why the replay is recognised by the status, not by looking for the judgment.
+    lock = " FOR UPDATE OF a" if connection.features.has_select_for_update_of else ""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id FROM annotation_assignment WHERE id = %s AND annotator_id = %s" + lock,
-                       [assignment_id, annotator.pk])
-        if cursor.fetchone() is None:
-            raise Http404("No such assignment.")
         cursor.execute(
-            "SELECT (SELECT id FROM annotation_judgment WHERE assignment_id = %s), "
-            "(SELECT assignment_id FROM annotation_judgment WHERE annotator_id = %s AND idempotency_key = %s "
-            "AND idempotency_key <> '')",
-            [assignment_id, annotator.pk, idempotency_key],
+            "SELECT a.status, (SELECT j.assignment_id FROM annotation_judgment j WHERE j.annotator_id = %s "
+            "AND j.idempotency_key = %s AND j.idempotency_key <> '') "
+            "FROM annotation_assignment a WHERE a.id = %s AND a.annotator_id = %s" + lock,
+            [annotator.pk, idempotency_key, assignment_id, annotator.pk],
         )
         found = cursor.fetchone()
-    own, keyed = found
+    if found is None:
+        raise Http404("No such assignment.")
+    status, keyed = found
     if keyed is not None and keyed != assignment_id:
         raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
-    if own is not None:
-        return Judgment.objects.select_related("comparison__batch").get(pk=own), False
+    if status == Assignment.Status.SUBMITTED:  # only judgment_submit sets it, with the judgment
+        return Judgment.objects.select_related("comparison__batch").get(assignment_id=assignment_id), False
     assignment = Assignment(pk=assignment_id)  # judgment_submit locks and reads it again itself
     judgment = judgment_submit(assignment=assignment, annotator=annotator, idempotency_key=idempotency_key, **fields)
     return judgment, True
