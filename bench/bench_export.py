@@ -280,17 +280,18 @@ def main() -> None:
             out = subprocess.run([sys.executable, str(Path(__file__)), "--child", mode], cwd=REPO, check=True,
                                  capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
+            result["load"] = os.getloadavg()[0]  # the machine is shared: how busy it was meanwhile
             results.append((size, mode, result))
             print(f"  {size:>9,} {mode:<9} {result['rows'] / result['seconds']:>10,.0f} rows/s", file=sys.stderr)
     print()
-    print("| judgments | path | rows/s | MB/s | seconds | RSS before (MB) | peak RSS (MB) | growth (MB) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| judgments | path | rows/s | MB/s | seconds | RSS before (MB) | peak RSS (MB) | growth (MB) | load after |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     names = {"generator": "JSONL, in-process", "csv": "CSV, in-process", "http": "JSONL over HTTP (gunicorn)"}
     for size, mode, r in results:
         mb = 1024 * 1024
         print(f"| {size:,} | {names[mode]} | {r['rows'] / r['seconds']:,.0f} | {r['bytes'] / mb / r['seconds']:,.1f} | "
               f"{r['seconds']:.1f} | {r['baseline'] / mb:.0f} | {r['peak'] / mb:.0f} | "
-              f"{(r['peak'] - r['baseline']) / mb:.1f} |")
+              f"{(r['peak'] - r['baseline']) / mb:.1f} | {r['load']:.1f} |")
 
 
 if __name__ == "__main__":
