@@ -22,6 +22,10 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def _snapshot_dir(settings, tmp_path):
     settings.TANDEM_SNAPSHOT_DIR = tmp_path / "snapshots"
+    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
+    # never flush a shared Redis that CACHE_URL may name.
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": "api-tests"}}
     cache.clear()
     yield
     cache.clear()

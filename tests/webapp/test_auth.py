@@ -24,6 +24,10 @@ LIMIT = 3
 @pytest.fixture(autouse=True)
 def _fresh_cache(settings):
     settings.TANDEM_AUTH_FAILURE_LIMIT = LIMIT
+    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
+    # never flush a shared Redis that CACHE_URL may name.
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": "api-tests"}}
     cache.clear()
     yield
     cache.clear()

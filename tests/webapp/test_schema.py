@@ -15,7 +15,11 @@ MAX_EXAMPLES = 12  # per operation and pass; ~20 operations x 2 passes stays wel
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_cache(settings):
+    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
+    # never flush a shared Redis that CACHE_URL may name.
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": "api-tests"}}
     cache.clear()
     yield
     cache.clear()

@@ -128,10 +128,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", 
 # Multipart file uploads (the staff import page) may be larger; both are enforced from Content-Length.
 TANDEM_MAX_UPLOAD_BYTES = int(os.environ.get("TANDEM_MAX_UPLOAD_BYTES", str(512 * 1024 * 1024)))
 
-# Cache: per-process memory by default; Redis (shared by all web workers) when CACHE_URL is set.
+# Cache: per-process memory by default; Redis (shared by all web workers, so that the login and
+# token failure counters are too) when CACHE_URL (or REDIS_URL) is set.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "tandem"}}
-if os.environ.get("CACHE_URL"):
-    CACHES["default"] = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": os.environ["CACHE_URL"]}
+if _cache_url := os.environ.get("CACHE_URL") or os.environ.get("REDIS_URL"):
+    CACHES["default"] = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url}
 # Failed logins / token authentications per address (and per username for logins) before 429.
 TANDEM_AUTH_FAILURE_LIMIT = int(os.environ.get("TANDEM_AUTH_FAILURE_LIMIT", "10"))
 TANDEM_AUTH_FAILURE_WINDOW = int(os.environ.get("TANDEM_AUTH_FAILURE_WINDOW", "900"))
