@@ -170,7 +170,7 @@ def _hh_pair(obj: dict, *, name: str, line: int, digest: str, adversarial: bool)
     if chosen[:-1] != rejected[:-1]:
         raise _Skip("chosen and rejected differ before the last Assistant turn")
     *context, (_, text) = chosen[:-1]
-    for role, content in chosen[:-1]:
+    for _, content in chosen[:-1]:
         if not content.strip() or "\x00" in content or len(content) > MAX_TEXT:
             raise _Skip("a turn is blank, too long or contains NUL")
     for content in (chosen[-1][1], rejected[-1][1]):

@@ -376,7 +376,8 @@ def _clean_response(response: ResponseInput, *, field: str) -> ResponseInput:
         errors[f"{field}.temperature"] = "Must be between 0 and 10."
     if response.top_p is not None and not 0 < response.top_p <= 1:
         errors[f"{field}.top_p"] = "Must be in (0, 1]."
-    if response.sampling is not None and (not isinstance(response.sampling, dict) or len(str(response.sampling)) > 2000):
+    sampling = response.sampling
+    if sampling is not None and (not isinstance(sampling, dict) or len(str(sampling)) > 2000):
         errors[f"{field}.sampling"] = "Must be an object of at most 2000 characters."
     if errors:
         raise ValidationError(errors)

@@ -24,7 +24,8 @@ class CheckpointSerializer(serializers.ModelSerializer):
 class CheckpointRegisterSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=services.MAX_NAME_LENGTH)
     format = serializers.ChoiceField(choices=[Checkpoint.Format.META, Checkpoint.Format.HF])
-    path = serializers.CharField(max_length=1000, help_text="Directory inside TANDEM_MODEL_ROOTS (or relative to the first root)")
+    path = serializers.CharField(max_length=1000,
+                                 help_text="Directory inside TANDEM_MODEL_ROOTS (or relative to the first root)")
     tokenizer_path = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="",
                                            help_text="Default: tokenizer.model beside the weights or one level up")
     parent = serializers.SlugRelatedField(slug_field="name", queryset=Checkpoint.objects.all(), required=False,

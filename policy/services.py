@@ -179,7 +179,8 @@ def checkpoint_register(
         tokenizer = next((p for p in (ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model") if p.is_file()), None)
     return Checkpoint.objects.create(
         name=name, format=format, path=str(ckpt), params=params, parent=parent, sha256=checkpoint_files_sha256(ckpt),
-        tokenizer_path=str(tokenizer) if tokenizer else "", tokenizer_sha256=_sha256_file(tokenizer) if tokenizer else "",
+        tokenizer_path=str(tokenizer) if tokenizer else "",
+        tokenizer_sha256=_sha256_file(tokenizer) if tokenizer else "",
     )
 
 

@@ -111,12 +111,13 @@ def _lookup_token(key_hash: str):
     membership = user_model.groups.through._meta
     quote = connection.ops.quote_name
     columns = [f"t.{quote(f.column)}" for f in token_fields] + [f"u.{quote(f.column)}" for f in user_fields]
+    user_pk = quote(user_model._meta.pk.column)
     has_role = (f"EXISTS (SELECT 1 FROM {quote(membership.db_table)} m JOIN {quote(Group._meta.db_table)} g "
-                f"ON g.{quote('id')} = m.{quote('group_id')} WHERE m.{quote('user_id')} = u.{quote(user_model._meta.pk.column)} "
+                f"ON g.{quote('id')} = m.{quote('group_id')} WHERE m.{quote('user_id')} = u.{user_pk} "
                 f"AND g.{quote('name')} = %s)")
     sql = (f"SELECT {', '.join(columns)}, {', '.join([has_role] * len(ROLES))} "
            f"FROM {quote(ApiToken._meta.db_table)} t JOIN {quote(user_model._meta.db_table)} u "
-           f"ON u.{quote(user_model._meta.pk.column)} = t.{quote('user_id')} "
+           f"ON u.{user_pk} = t.{quote('user_id')} "
            f"WHERE t.{quote('key_hash')} = %s AND t.{quote('revoked_at')} IS NULL")
     with connection.cursor() as cursor:
         cursor.execute(sql, [*ROLES, key_hash])

@@ -286,10 +286,12 @@ class ExportPreferencesView(DownloadView):
         rows = itertools.chain([first] if first is not None else [], rows)
         if params.validated_data["export_format"] == "csv":
             fields = exports.AGGREGATE_FIELDS if options.aggregate == "majority" else exports.ROW_FIELDS
-            response = StreamingHttpResponse(exports.stream_csv(rows, fields=fields), content_type="text/csv; charset=utf-8")
+            response = StreamingHttpResponse(exports.stream_csv(rows, fields=fields),
+                                             content_type="text/csv; charset=utf-8")
             response["Content-Disposition"] = 'attachment; filename="preferences.csv"'
         else:
-            response = StreamingHttpResponse(exports.stream_jsonl(rows), content_type="application/jsonl; charset=utf-8")
+            response = StreamingHttpResponse(exports.stream_jsonl(rows),
+                                             content_type="application/jsonl; charset=utf-8")
             response["Content-Disposition"] = 'attachment; filename="preferences.jsonl"'
         return response
 

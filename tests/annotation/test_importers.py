@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from annotation import exports, importers, services
+from annotation import exports, services
 from annotation.importers import ImportFileError, import_hh_rlhf, import_mt_bench, import_trl, parse_hh_transcript
 from annotation.models import Batch, Comparison, Judgment, Prompt, Response
 from policy.models import Checkpoint

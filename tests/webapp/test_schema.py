@@ -77,13 +77,13 @@ def test_schemathesis_finds_no_server_errors(live_server, admin_user, make_compa
             @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(path_parameters=fixed or None))
-            def run(case):
+            def run(case):  # called right below, inside this iteration
                 response = case.call(base_url=live_server.url, headers={"Authorization": f"Bearer {token}"},
                                      timeout=30)
                 try:
                     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
                 except Exception as error:  # schemathesis' FailureGroup
-                    failures.append(f"{operation.label} {case.path_parameters or ''} {case.query or ''}: "
+                    failures.append(f"{case.operation.label} {case.path_parameters or ''} {case.query or ''}: "
                                     f"{response.status_code} {str(error)[:800]}")
                     raise
 
