@@ -91,6 +91,9 @@ DATABASES = {
 # parallel test runs on one server apart.
 _test_suffix = os.environ.get("TANDEM_TEST_DB_SUFFIX", "")
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # The embedded default needs nothing installed, and nothing created by hand either.
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test_tandem{_test_suffix}.sqlite3")}
     DATABASES["default"]["OPTIONS"] = {"timeout": 30}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
