@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 from rest_framework.routers import SimpleRouter
 
 from policy.api import CheckpointViewSet
+from rewards.api import RewardModelRunViewSet
 
 from .api import views
 
@@ -14,6 +15,7 @@ router.register("judgments", views.JudgmentViewSet, basename="judgment")
 router.register("batches", views.BatchViewSet, basename="batch")
 router.register("snapshots", views.SnapshotViewSet, basename="snapshot")
 router.register("checkpoints", CheckpointViewSet, basename="checkpoint")
+router.register("reward-runs", RewardModelRunViewSet, basename="reward-run")
 
 app_name = "api"
 urlpatterns = [
