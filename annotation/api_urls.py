@@ -3,7 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from policy.api import CheckpointViewSet
+from policy.api import CheckpointViewSet, RoundViewSet
 from rewards.api import RewardModelRunViewSet
 
 from .api import views
@@ -15,6 +15,7 @@ router.register("judgments", views.JudgmentViewSet, basename="judgment")
 router.register("batches", views.BatchViewSet, basename="batch")
 router.register("snapshots", views.SnapshotViewSet, basename="snapshot")
 router.register("checkpoints", CheckpointViewSet, basename="checkpoint")
+router.register("rounds", RoundViewSet, basename="round")
 router.register("reward-runs", RewardModelRunViewSet, basename="reward-run")
 
 app_name = "api"

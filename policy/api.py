@@ -1,14 +1,18 @@
-"""REST API of the policy side: checkpoints (researchers read, admins register). URLs: annotation/api_urls.py."""
+"""REST API of the policy side: checkpoints (researchers read, admins register) and RLHF rounds (researchers
+read, admins launch and cancel). URLs: annotation/api_urls.py."""
 from django_filters import rest_framework as filters
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status
+from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from annotation.api.views import ApiViewSet
+from annotation.models import Batch
+from rewards.models import RewardModelRun
 from webapp.permissions import IsAdmin, IsResearcher
 
-from . import services
-from .models import Checkpoint
+from . import rounds, services
+from .models import Checkpoint, RLHFRound
 
 
 class CheckpointSerializer(serializers.ModelSerializer):
@@ -56,3 +60,103 @@ class CheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
         form.is_valid(raise_exception=True)
         checkpoint = services.checkpoint_register(**form.validated_data)
         return Response(CheckpointSerializer(checkpoint).data, status=status.HTTP_201_CREATED)
+
+
+# --- RLHF rounds ------------------------------------------------------------------------------------
+
+class RoundSerializer(serializers.ModelSerializer):
+    policy_in = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    lineage_root = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    checkpoint_out = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    stages = serializers.ListField(child=serializers.ChoiceField(choices=RLHFRound.Stage.choices), read_only=True)
+    config = serializers.DictField(read_only=True)
+    snapshot_hashes = serializers.ListField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = RLHFRound
+        fields = ["id", "status", "current_stage", "progress", "progress_message", "error", "policy_in", "lineage_root",
+                  "helpfulness_rm", "safety_rm", "stages", "config", "snapshot_hashes", "checkpoint_out", "created_at",
+                  "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class RoundDetailSerializer(RoundSerializer):
+    metrics = serializers.DictField(read_only=True, help_text="Per stage: rejection sampling (incl. max_vs_median, "
+                                    "the paper's Figure 7), SFT, PPO (curve: reward, KL, entropy, clip fraction, "
+                                    "value loss per iteration)")
+
+    class Meta(RoundSerializer.Meta):
+        fields = [*RoundSerializer.Meta.fields, "metrics"]
+        read_only_fields = fields
+
+
+class RoundLaunchSerializer(serializers.Serializer):
+    policy = serializers.SlugRelatedField(slug_field="name", queryset=Checkpoint.objects.all(),
+                                          help_text="Name of the policy checkpoint to improve")
+    helpfulness_rm = serializers.PrimaryKeyRelatedField(queryset=RewardModelRun.objects.all())
+    safety_rm = serializers.PrimaryKeyRelatedField(queryset=RewardModelRun.objects.all())
+    prompt_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False, default=list,
+                                       max_length=rounds.MAX_PROMPTS)
+    batches = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list,
+                                    help_text="Labels of batches whose comparisons' prompts join the set")
+    tags = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list,
+                                 help_text="Prompts carrying all of these tags join the set")
+    prompt_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None,
+                                            help_text="A seeded sample of this many of the prompts")
+    stages = serializers.ListField(child=serializers.ChoiceField(choices=RLHFRound.Stage.choices), required=False,
+                                   allow_null=True, default=None, help_text="Default: all three, in order")
+    config = serializers.DictField(required=False, default=dict,
+                                   help_text="RoundConfig fields to override (policy/round_config.py); errors name "
+                                             "the field as config.<section>.<name>")
+
+    def validate_batches(self, labels):
+        found = {b.label: b for b in Batch.objects.filter(label__in=labels)}
+        if missing := [label for label in labels if label not in found]:
+            raise serializers.ValidationError(f"Unknown batch(es): {', '.join(missing)}.")
+        return list(found.values())
+
+
+class RoundFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=RLHFRound._meta.get_field("status").choices)
+    policy = filters.CharFilter(field_name="policy_in__name")
+
+    class Meta:
+        model = RLHFRound
+        fields: list[str] = []
+
+
+@extend_schema_view(
+    create=extend_schema(request=RoundLaunchSerializer, responses={201: RoundDetailSerializer}),
+    cancel=extend_schema(request=None, responses={200: RoundDetailSerializer}),
+    retrieve=extend_schema(responses={200: RoundDetailSerializer}),
+)
+class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    """RLHF rounds: researchers read (the list without metrics); admins launch and cancel."""
+
+    serializer_class = RoundSerializer
+    filterset_class = RoundFilter
+    ordering_fields = ["id", "created_at"]
+    permission_classes = [IsResearcher]
+    permission_by_action = {"create": IsAdmin, "cancel": IsAdmin}
+    queryset = RLHFRound.objects.select_related("policy_in", "lineage_root", "checkpoint_out")
+
+    def get_serializer_class(self):
+        return RoundSerializer if self.action == "list" else RoundDetailSerializer
+
+    def create(self, request):
+        """Launch a round; 400 names the field (config values as config.<section>.<name>)."""
+        form = RoundLaunchSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        data = form.validated_data
+        prompts = rounds.prompts_for_round(ids=data["prompt_ids"], batches=data["batches"], tags=data["tags"],
+                                           limit=data["prompt_limit"])
+        rnd = rounds.round_launch(policy=data["policy"], helpfulness_rm=data["helpfulness_rm"],
+                                  safety_rm=data["safety_rm"], prompts=prompts, stages=data["stages"],
+                                  config=data["config"], created_by=request.user)
+        return Response(RoundDetailSerializer(self.get_queryset().get(pk=rnd.pk)).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel a queued or running round; the worker stops at its next step."""
+        rnd = rounds.round_cancel(rnd=self.get_object())
+        return Response(RoundDetailSerializer(self.get_queryset().get(pk=rnd.pk)).data)

@@ -6,6 +6,7 @@ every status change of a round goes through this module, under a lock on the rou
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import random
@@ -60,7 +61,10 @@ def lineage_rounds(lineage_root: Checkpoint):
 def round_dir(rnd: RLHFRound) -> Path:
     """The round's folder: every stage's resumable state and the output checkpoint live under it. Inside
     the first model root, so the sampling workers may load the output like any registered checkpoint."""
-    return Path(settings.TANDEM_MODEL_ROOTS[0]).expanduser().resolve() / ROUNDS_FOLDER / f"round-{rnd.pk}"
+    # The creation time in the name: a database restored or recreated (ids start over) never finds an
+    # older round's folder and takes its results for its own.
+    stamp = rnd.created_at.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    return Path(settings.TANDEM_MODEL_ROOTS[0]).expanduser().resolve() / ROUNDS_FOLDER / f"round-{rnd.pk}-{stamp}"
 
 
 def lineage_pool(rnd: RLHFRound) -> str | None:

@@ -26,18 +26,19 @@ TINY_POLICY = dict(base_name="round-base", sft_name="round-sft", vocab_size=400,
                    sft_steps=2, sft_dialogs=32, batch_size=8, warmup_steps=1, eval_prompts=0, device="cpu")
 
 
-def build_world() -> dict:
-    """Build the tiny policy and both reward models under MODEL_ROOT (once per session)."""
+def build_world(name: str) -> dict:
+    """Build the tiny policy and both reward models under MODEL_ROOT/name (once per session and module)."""
     from policy.demo_policy import DemoBuildConfig, build_demo_policy
     from rewards.config import RewardTrainConfig
     from rewards.data import build_mix
     from rewards.train import train_reward_model
 
-    shutil.rmtree(MODEL_ROOT, ignore_errors=True)
+    root = MODEL_ROOT / name
+    shutil.rmtree(root, ignore_errors=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        built = build_demo_policy(MODEL_ROOT / "demo", DemoBuildConfig(**TINY_POLICY))
+        built = build_demo_policy(root / "demo", DemoBuildConfig(**TINY_POLICY))
         sft = next(b for b in built if b["name"] == "round-sft")
         rows = synthetic.make_rows(48, seed=3, adversarial_fraction=0.4, imported_fraction=0.0)
         rms = {}
@@ -45,7 +46,7 @@ def build_world() -> dict:
             mix = build_mix(rows, kind=kind, seed=0)
             config = RewardTrainConfig(kind=kind, base_checkpoint=sft["path"], max_seq_len=96, micro_batch_size=8,
                                        lr=3e-3, checkpoint_every=0, mix={"min_train_pairs": 4}, device="cpu")
-            result = train_reward_model(config, mix.train, None, MODEL_ROOT / "rm" / kind, manifest=mix.manifest)
+            result = train_reward_model(config, mix.train, None, root / "rm" / kind, manifest=mix.manifest)
             rms[kind] = {"artifact_path": result.model_dir, "manifest_sha256": mix.manifest["sha256"]}
     finally:
         torch.set_num_threads(threads)
