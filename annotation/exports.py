@@ -107,6 +107,13 @@ def prompt_messages(*, system: str, context: list[dict], text: str) -> list[dict
     return messages
 
 
+def exportable_judgments(*, source: str | None = None) -> QuerySet[Judgment]:
+    """What an export starts from before its filters: simulated judgments (annotation.simulator) only
+    when `source` asks for a source, so that a default export is never people mixed with a simulation."""
+    judgments = Judgment.objects.all()
+    return judgments if source else judgments.exclude(source=Judgment.Source.SIMULATED)
+
+
 def export_queryset(judgments: QuerySet[Judgment], *, options: ExportOptions) -> QuerySet:
     """Flat value tuples in export order; the unsafe-chosen rule is applied here unless aggregating
     (a majority row is judged on its aggregated labels, after the vote)."""

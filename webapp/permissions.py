@@ -9,7 +9,10 @@ from rest_framework.permissions import BasePermission
 
 ANNOTATOR = "annotator"
 RESEARCHER = "researcher"
-ROLES = (ANNOTATOR, RESEARCHER)
+# Not a role but a mark read with them: accounts of annotation.simulator, whose judgments are recorded
+# with source "simulated" and kept out of human statistics.
+SIMULATED = "simulated"
+ROLES = (ANNOTATOR, RESEARCHER, SIMULATED)
 
 
 def roles_of(user) -> frozenset[str]:
@@ -37,6 +40,10 @@ def is_admin(user) -> bool:
 def is_researcher(user) -> bool:
     roles = roles_of(user)
     return RESEARCHER in roles or "admin" in roles
+
+
+def is_simulated(user) -> bool:
+    return SIMULATED in roles_of(user)
 
 
 def is_annotator(user) -> bool:

@@ -16,7 +16,7 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from webapp.permissions import IsAdmin, IsAnnotator, IsAnnotatorOrResearcher, IsResearcher, is_researcher
+from webapp.permissions import IsAdmin, IsAnnotator, IsAnnotatorOrResearcher, IsResearcher, is_researcher, is_simulated
 
 from .. import exports, services, snapshots
 from ..models import Assignment, Batch, Comparison, Judgment, Snapshot
@@ -132,6 +132,7 @@ class AssignmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
             assignment_id=_int_or_404(pk), annotator=request.user, idempotency_key=key, chosen=data["chosen"],
             strength=data["strength"], safety=services.SafetyLabels(a_safe=data["a_safe"], b_safe=data["b_safe"]),
             harm_categories=data["harm_categories"], note=data["note"], seconds_spent=data["seconds_spent"],
+            source=Judgment.Source.SIMULATED if is_simulated(request.user) else Judgment.Source.HUMAN,
         )
         return Response(s.JudgmentSerializer(judgment).data,
                         status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
@@ -277,7 +278,8 @@ class ExportPreferencesView(DownloadView):
         params = s.ExportParamsSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
         options = params.options()
-        filterset = JudgmentFilter(data=request.query_params, queryset=Judgment.objects.all(), request=request)
+        filterset = JudgmentFilter(data=request.query_params, request=request,
+                                   queryset=exports.exportable_judgments(source=request.query_params.get("source")))
         if not filterset.is_valid():
             raise ValidationError(filterset.errors)
         # The first row is read here, so that a database error is an error response, not a cut stream.

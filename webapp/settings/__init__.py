@@ -95,7 +95,10 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test_tandem{_test_suffix}.sqlite3")}
-    DATABASES["default"]["OPTIONS"] = {"timeout": 30}
+    # IMMEDIATE: a transaction takes the write lock when it begins. With SQLite's default (DEFERRED) two
+    # requests that both read and then write (two annotators leasing at once) deadlock, and one fails
+    # at once with "database is locked" instead of waiting up to the timeout.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_tandem{_test_suffix}"}

@@ -5,7 +5,6 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotation import exports
 from annotation.api.filters import JudgmentFilter
-from annotation.models import Judgment
 
 
 class Command(BaseCommand):
@@ -23,7 +22,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         data = {k.removeprefix("filter_"): v for k, v in options.items() if k.startswith("filter_") and v is not None}
-        filterset = JudgmentFilter(data=data, queryset=Judgment.objects.all())
+        filterset = JudgmentFilter(data=data, queryset=exports.exportable_judgments(source=data.get("source")))
         if not filterset.is_valid():
             raise CommandError(dict(filterset.errors))
         export_options = exports.ExportOptions(
