@@ -1,5 +1,6 @@
 """Reward-model runs, the Django side: launch validation (bad input refused before anything is created),
 the admin's launch form, evaluation tables and actions, the API, and the reward_train command."""
+import json
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from annotation.models import Snapshot
 from annotation.snapshots import snapshot_file
 from policy.models import Checkpoint
 from rewards import services
+from rewards.config import MixConfig
 from rewards.data import build_mix, read_rows
 from rewards.evaluate import metrics_from_rewards
 from rewards.models import RewardModelRun
@@ -52,7 +54,8 @@ def test_pair_launch_records_snapshot_manifest_and_enqueues_after_commit(rm_base
         assert run.config["lr"] == h.TINY_CONFIG["lr"] and run.config["checkpoint_every"] == 2
         # The manifest is the one the worker rebuilds from the snapshot file: same ids, same hash.
         rows = read_rows(snapshot_file(snapshot))
-        mix = build_mix(rows, kind=run.kind, seed=0, input_hashes=[snapshot.sha256])
+        mix = build_mix(rows, kind=run.kind, seed=0, mix=MixConfig(**h.TINY_CONFIG["mix"]),
+                        input_hashes=[snapshot.sha256])
         assert run.manifest_sha256 == mix.manifest["sha256"] == run.data_manifest["sha256"]
         assert run.data_manifest["input_hashes"] == [snapshot.sha256]
         assert run.data_manifest["counts"]["test"] == 4
@@ -168,7 +171,7 @@ def test_admin_launches_from_the_form_and_shows_escaped_evaluation_tables(client
     _nothing_created()
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(url, {"kind": "pair", "base_checkpoint": rm_base.pk, "batches": [batch.pk],
-                                     "config": '{"micro_batch_size": 4, "max_seq_len": 64}'})
+                                     "config": '{"micro_batch_size": 4, "max_seq_len": 64, "mix": {"min_train_pairs": 4}}'})
     assert response.status_code == 302
     runs = list(RewardModelRun.objects.order_by("kind"))
     assert [r.kind for r in runs] == ["helpfulness", "safety"] and sorted(enqueued) == [r.pk for r in runs]
@@ -270,7 +273,7 @@ def test_reward_train_command_inline_and_errors(rm_base, enqueued, one_torch_thr
     with pytest.raises(CommandError, match="config: .*unknown reward config keys: bogus"):
         call_command("reward_train", "--base", rm_base.name, "--batch", batch.label, "--set", "bogus=1")
     _nothing_created()
-    sets = [f"--set={k}={v}" for k, v in h.TINY_CONFIG.items()]
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in h.TINY_CONFIG.items()]
     call_command("reward_train", "--base", rm_base.name, "--batch", batch.label, "--kind", "helpfulness",
                  "--inline", *sets)
     out = capsys.readouterr().out
