@@ -40,15 +40,15 @@ class LoopSizes:
     noise: float = 0.1  # the simulated annotator's logistic noise on the oracle's margin
     rm_config: dict[str, Any] = field(default_factory=lambda: {
         "max_seq_len": 192, "micro_batch_size": 16, "lr": 5e-4, "epochs": 2, "checkpoint_every": 0})
-    round_prompts: int = 256  # train prompts of both rounds
+    round_prompts: int = 384  # train prompts of both rounds
     round1: dict[str, Any] = field(default_factory=lambda: {
-        "eval_fraction": 0.0, "rejection_sampling": {"k": 8, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 48,
+        "eval_fraction": 0.0, "rejection_sampling": {"k": 16, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 48,
                                                      "chunk_prompts": 64},
         "sft": {"lr": 3e-4, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 16, "max_new_tokens": 48}})
     round2: dict[str, Any] = field(default_factory=lambda: {
-        "eval_fraction": 0.125, "ppo": {"n_iterations": 24, "batch_size": 32, "mini_batch_size": 8,
-                                        "max_new_tokens": 48, "kl_coef": 0.01, "lr": 3e-5, "value_lr": 1e-4,
-                                        "eval_every": 4, "patience": 3, "checkpoint_every": 4},
+        "eval_fraction": 0.2, "ppo": {"n_iterations": 30, "batch_size": 32, "mini_batch_size": 8,
+                                      "max_new_tokens": 48, "kl_coef": 0.01, "lr": 1e-4, "value_lr": 1e-4,
+                                      "eval_every": 5, "patience": 4, "checkpoint_every": 5},
         "next_batch": {"prompts": 16, "max_new_tokens": 48}})
     eval_prompts: int = 200  # held-out prompts for the oracle's win rate
     eval_temperature: float = 0.7
@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", default="demo-base", choices=["demo-base", "demo-sft"], help="The loop's policy")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--sizes", default="{}", help='JSON overrides of LoopSizes fields, e.g. \'{"round_prompts": 384}\' '
+                        "(a dict field is merged one level deep)")
     parser.add_argument("--json", help="Write the results here")
     args = parser.parse_args(argv)
 
@@ -297,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     from policy.models import Checkpoint
 
     sizes = QUICK if args.quick else LoopSizes()
+    for key, value in json.loads(args.sizes).items():
+        current = getattr(sizes, key)  # AttributeError names an unknown field
+        if isinstance(current, dict) and isinstance(value, dict):
+            value = {**current, **{k: {**current.get(k, {}), **v} if isinstance(v, dict) else v
+                                   for k, v in value.items()}}
+        setattr(sizes, key, value)
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     build = {}
     if not Checkpoint.objects.filter(name=args.start).exists():
