@@ -9,6 +9,8 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q
+from django.http import HttpResponseRedirect
+from django.urls import reverse
 from django.utils.safestring import mark_safe
 
 from . import services
@@ -54,7 +56,7 @@ class BatchAdmin(FrozenReadOnlyMixin, admin.ModelAdmin):
     list_filter = ["status", "kind"]
     search_fields = ["label"]
     readonly_fields = ["status", "frozen_at", "content_hash", "test_size", "created_at"]
-    actions = ["freeze_selected"]
+    actions = ["freeze_selected", "train_reward_models"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -75,6 +77,12 @@ class BatchAdmin(FrozenReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description="content hash")
     def short_hash(self, obj):
         return obj.content_hash[:12] or "–"
+
+    @admin.action(description="Train reward models on selected batches")
+    def train_reward_models(self, request, queryset):
+        """Open the reward-model launch form with these batches ticked; the form checks they are frozen."""
+        ids = ",".join(str(pk) for pk in queryset.order_by("pk").values_list("pk", flat=True))
+        return HttpResponseRedirect(f"{reverse('admin:rewards_rewardmodelrun_add')}?batches={ids}")
 
     @admin.action(description="Freeze selected batches")
     def freeze_selected(self, request, queryset):

@@ -154,6 +154,18 @@ class TestFreezeAction:
 
 
 @pytest.mark.django_db
+def test_train_reward_models_action_opens_the_launch_form_with_the_batches(admin_client_, make_comparison, annotator):
+    judge(make_comparison, annotator)
+    batch = services.batch_freeze(batch=Batch.objects.get())
+    response = admin_client_.post(changelist(Batch), {"action": "train_reward_models",
+                                                      "_selected_action": [batch.pk]})
+    assert response.status_code == 302
+    assert response["Location"] == f"{reverse('admin:rewards_rewardmodelrun_add')}?batches={batch.pk}"
+    form = admin_client_.get(response["Location"]).content.decode()
+    assert f'value="{batch.pk}" checked' in form or f'value="{batch.pk}" selected' in form
+
+
+@pytest.mark.django_db
 def test_guidelines_preview_is_sanitised(admin_client_):
     guidelines = Guidelines.objects.create(body_markdown="Use **care**.\n\n<script>window.__xss=1</script>")
     html = admin_client_.get(change(guidelines)).content.decode()
