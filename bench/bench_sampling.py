@@ -19,6 +19,7 @@ Every time is the best of --repeats runs (this machine is shared; the minimum is
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -144,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         args, batches, prompt_len, new_tokens, repeats = BENCH_ARGS, [16], 64, 32, 1
     repeats = opts.repeats or repeats
-    print_table(bench(args, batches, prompt_len, new_tokens, repeats), prompt_len, new_tokens)
+    load_before = os.getloadavg()[0]
+    rows = bench(args, batches, prompt_len, new_tokens, repeats)
+    print_table(rows, prompt_len, new_tokens)
+    # Other processes on a 2-core machine distort every number: show how busy it was.
+    print(f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from policy.model import KVCache, Transformer
@@ -49,18 +50,57 @@ def sample(
     return order.gather(-1, _draw(sorted_probs, generator)[:, None]).squeeze(-1)
 
 
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row with probability proportional to probs (N, V), which need not sum to one.
+def sample_with_logprobs(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """sample() and raw_logprobs() of the drawn tokens, (N,) each, from float32 logits (N, V).
 
-    Inverse-CDF sampling: one uniform per row and a binary search in the cumulative sum. On CPU this is
-    some 30x cheaper than torch.multinomial or the exponential race, which draw a number per token.
+    Plain sampling (temperature 1, no top-k or top-p), the common case of rejection sampling and PPO,
+    draws from the very exponentials the log-normaliser sums, so the (N, V) matrix is read three times
+    instead of some ten; the log-probs are computed exactly as logsumexp computes them.
     """
-    cdf = probs.cumsum(-1)  # (N, V)
-    total = cdf[:, -1:]  # (N, 1)
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
-    # Keep u < total despite rounding: then the first cdf > u is a token of non-zero probability.
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    if temperature != 1 or top_k > 0 or top_p < 1.0:
+        token = sample(logits, temperature, top_k, top_p, generator)
+        return token, raw_logprobs(logits, token)
+    peak = logits.amax(-1, keepdim=True)  # (N, 1)
+    weights = (logits - peak).exp_()  # (N, V): unnormalised probabilities, the largest is 1
+    log_z = weights.sum(-1).log_() + peak.squeeze(-1)  # (N,): logsumexp's own steps, so the same value
+    token = _draw(weights, generator)
+    return token, logits.gather(-1, token[:, None]).squeeze(-1) - log_z
+
+
+# Inverse-CDF sampling reads the vocabulary in blocks of this many tokens (see _draw).
+_BLOCK = 128
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row with probability proportional to probs (N, V) >= 0, which need not sum to one.
+
+    Inverse-CDF sampling: one uniform u per row, then the first index whose cumulative mass exceeds u.
+    torch.multinomial and the exponential race draw a random number per token, some 30x dearer on CPU,
+    and a cumulative sum over the whole vocabulary is a sequential pass; so the search runs in two
+    levels: the vectorised sums of blocks of _BLOCK tokens, a cumulative sum over the blocks, then a
+    cumulative sum inside the one block u falls in. A token of zero mass is never drawn.
+    """
+    N, V = probs.shape
+    n_blocks = -(-V // _BLOCK)
+    padding = n_blocks * _BLOCK - V
+    blocks = (F.pad(probs, (0, padding)) if padding else probs).reshape(N, n_blocks, _BLOCK)  # padding: no mass
+    block_cdf = blocks.sum(-1).cumsum(-1)  # (N, n_blocks)
+    u = _uniform_below(block_cdf[:, -1:], generator)  # (N, 1)
+    block = torch.searchsorted(block_cdf, u, right=True)  # (N, 1): block_cdf[block] > u >= block_cdf[block - 1]
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # (N, 1)
+    inside = blocks.gather(1, block[:, :, None].expand(N, 1, _BLOCK)).squeeze(1).cumsum(-1)  # (N, _BLOCK)
+    # u - before >= 0 exactly; the block's own sum may round differently from its share of block_cdf, so
+    # keep the target below the block's last cumulative value: the first value above it then has mass.
+    target = torch.minimum(u - before, torch.nextafter(inside[:, -1:], torch.zeros_like(u)))
+    return (block * _BLOCK + torch.searchsorted(inside, target, right=True)).squeeze(-1)
+
+
+def _uniform_below(total: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform in [0, total) per row of total (N, 1), rounding kept below total."""
+    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    return torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
 
 
 def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -138,8 +178,7 @@ def generate(
         out_lengths = torch.full((N,), steps, device=device)
         done = torch.zeros(N, dtype=torch.bool, device=device)
         for t in range(steps):
-            token = sample(logits, temperature, top_k, top_p, generator)  # (N,)
-            logprobs[:, t] = raw_logprobs(logits, token)
+            token, logprobs[:, t] = sample_with_logprobs(logits, temperature, top_k, top_p, generator)  # (N,)
             if eos_id is not None:
                 finished_now = (token == eos_id) & ~done
                 out_lengths.masked_fill_(finished_now, t + 1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from policy import generate as generation
-from policy.generate import generate, sample
+from policy.generate import generate, sample, sample_with_logprobs
 from policy.model import ModelArgs, Transformer
 
 PROMPTS = [[1, 5, 9], [1, 40, 41, 42, 43, 44, 45], [1], [1, 8, 8, 8, 30]]
@@ -128,6 +128,32 @@ def test_sampling_distributions() -> None:
     # Nucleus 0.7: 0.5 alone falls short, 0.5 + 0.3 reaches it; the rest is cut.
     torch.testing.assert_close(frequencies(top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01, rtol=0)
     torch.testing.assert_close(frequencies(top_p=0.9), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.01, rtol=0)
+
+
+def test_blockwise_inverse_cdf_over_a_ragged_vocabulary() -> None:
+    # 300 tokens: blocks of 128 tokens, the last one padded. The mass sits on block edges (127, 128, 299)
+    # and inside the last block; every other token, the whole of block 1 but its first, has none.
+    probs = torch.zeros(300)
+    probs[[127, 128, 270, 299]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(40_000, 300)
+    generator = torch.Generator().manual_seed(1)
+    for temperature, expected in ((1.0, probs), (0.5, probs**2 / (probs**2).sum())):
+        drawn, logprobs = sample_with_logprobs(logits, temperature, 0, 1.0, generator)
+        assert set(drawn.unique().tolist()) == {127, 128, 270, 299}
+        torch.testing.assert_close(torch.bincount(drawn, minlength=300) / len(drawn), expected, atol=0.01, rtol=0)
+        torch.testing.assert_close(logprobs, probs.log()[drawn])
+
+
+def test_sample_with_logprobs_returns_the_raw_log_softmax() -> None:
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    expected = logits.log_softmax(-1)
+    for kwargs in ({}, {"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.8}):
+        settings = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} | kwargs
+        token, logprobs = sample_with_logprobs(logits, generator=torch.Generator().manual_seed(2), **settings)
+        assert torch.equal(token, sample(logits, generator=torch.Generator().manual_seed(2), **settings))
+        # The very numbers raw_logprobs (and PPO's recomputation) give, and log_softmax's up to rounding.
+        assert torch.equal(logprobs, generation.raw_logprobs(logits, token))
+        torch.testing.assert_close(logprobs, expected.gather(-1, token[:, None]).squeeze(-1))
 
 
 def test_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
