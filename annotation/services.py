@@ -309,6 +309,56 @@ def _validate_judgment(
         raise ValidationError(errors)
 
 
+@dataclass(frozen=True)
+class _LockedAssignment:
+    """An assignment row locked for a submission, with all a submission reads, from one statement."""
+    id: int
+    status: str
+    comparison: Comparison  # id, batch_id and is_test loaded; batch cached when it has one
+    open_batch: Batch | None  # this week's batch, which a comparison without one joins (None: not created yet)
+    keyed_assignment_id: int | None  # the assignment whose judgment already carries the caller's key
+
+
+def _lock_for_submission(*, assignment_id: int, annotator: AbstractBaseUser, idempotency_key: str) -> _LockedAssignment:
+    """Lock the caller's assignment and its comparison, and read what judging it needs, in one statement.
+
+    It runs on every submission, so it is written by hand: through the ORM the same reads were five
+    statements (the assignment, the judgment already made, the comparison, its batch, this week's
+    batch) and a millisecond of query compilation. A statement that waited for the locks sees the two
+    locked rows as the concurrent transaction committed them (a replay finds the status "submitted"),
+    but its joins and subquery still read the older snapshot: hence replays are recognised by the
+    status, and a batch the comparison was given meanwhile is read again (see below).
+    """
+    year, week, _ = timezone.localtime().isocalendar()
+    lock = " FOR UPDATE OF a, c" if connection.features.has_select_for_update_of else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT a.status, c.id, c.batch_id, c.is_test, b.label, b.status, w.id, w.label, w.status, "
+            "(SELECT j.assignment_id FROM annotation_judgment j WHERE j.annotator_id = %s "
+            "AND j.idempotency_key = %s AND j.idempotency_key <> '') "
+            "FROM annotation_assignment a JOIN annotation_comparison c ON c.id = a.comparison_id "
+            "LEFT JOIN annotation_batch b ON b.id = c.batch_id "
+            "LEFT JOIN annotation_batch w ON w.kind = %s AND w.iso_year = %s AND w.iso_week = %s "
+            "WHERE a.id = %s AND a.annotator_id = %s" + lock,
+            [annotator.pk, idempotency_key, Batch.Kind.WEEKLY, year, week, assignment_id, annotator.pk],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Http404("No such assignment.")
+    status, comparison_id, batch_id, is_test, label, batch_status, open_id, open_label, open_status, keyed = row
+    comparison = Comparison.from_db(connection.alias, ["id", "batch_id", "is_test"],
+                                    [comparison_id, batch_id, bool(is_test)])  # SQLite returns 0 / 1
+    if batch_id is not None:
+        comparison.batch = (  # a batch set by the transaction this one waited for is not in the snapshot
+            Batch.from_db(connection.alias, ["id", "label", "status"], [batch_id, label, batch_status])
+            if label is not None else Batch.objects.get(pk=batch_id)
+        )
+    open_batch = (Batch.from_db(connection.alias, ["id", "label", "status"], [open_id, open_label, open_status])
+                  if open_id is not None else None)
+    return _LockedAssignment(id=assignment_id, status=status, comparison=comparison, open_batch=open_batch,
+                             keyed_assignment_id=keyed)
+
+
 @transaction.atomic
 def judgment_submit(
     *, assignment: Assignment, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
@@ -316,37 +366,49 @@ def judgment_submit(
     idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
 ) -> Judgment:
     """Record one judgment on a leased assignment. A replay returns the judgment already made."""
-    assignment = _own_assignment_for_update(assignment_id=assignment.pk, annotator=annotator)
-    existing = Judgment.objects.filter(
-        Q(assignment=assignment) | (Q(annotator=annotator, idempotency_key=idempotency_key) & ~Q(idempotency_key=""))
-    ).first()
-    if existing:
-        return existing
+    locked = _lock_for_submission(assignment_id=assignment.pk, annotator=annotator, idempotency_key=idempotency_key)
+    if locked.status == Assignment.Status.SUBMITTED or locked.keyed_assignment_id is not None:
+        existing = Judgment.objects.filter(
+            Q(assignment_id=locked.id) | (Q(annotator=annotator, idempotency_key=idempotency_key)
+                                          & ~Q(idempotency_key=""))
+        ).first()
+        if existing:
+            return existing
+    return _judgment_record(locked, annotator=annotator, chosen=chosen, strength=strength, safety=safety,
+                            harm_categories=harm_categories, note=note, seconds_spent=seconds_spent,
+                            idempotency_key=idempotency_key, source=source)
+
+
+def _judgment_record(
+    locked: _LockedAssignment, *, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
+    harm_categories: Sequence[str] = (), note: str = "", seconds_spent: float | None = None,
+    idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
+) -> Judgment:
+    """The writes of a submission, inside the caller's transaction, on an assignment it has locked:
+    the comparison joins this week's batch if it has none, the judgment, the assignment's status."""
     harm_categories = list(dict.fromkeys(harm_categories))
     _validate_judgment(chosen=chosen, strength=strength, safety=safety, harm_categories=harm_categories,
                        note=note, seconds_spent=seconds_spent)
-    if assignment.status != Assignment.Status.LEASED:
+    if locked.status != Assignment.Status.LEASED:
         raise ValidationError(
-            f"This comparison can no longer be judged: its lease is {assignment.get_status_display().lower()}."
+            f"This comparison can no longer be judged: its lease is {Assignment.Status(locked.status).label.lower()}."
         )
-    comparison = Comparison.objects.select_for_update(of=("self",)).select_related("batch").get(pk=assignment.comparison_id)
-    if comparison.batch is None:
-        comparison.batch = batch_open_for()
-        if comparison.batch.is_frozen:
-            raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
-        comparison.save(update_fields=["batch"])
+    comparison = locked.comparison
+    if comparison.batch_id is None:
+        batch = locked.open_batch or batch_open_for()  # created by the week's first judgment
+        if batch.is_frozen:
+            raise ValidationError(f"Batch {batch.label} is frozen; judgments can no longer be added.")
+        Comparison.objects.filter(pk=comparison.pk).update(batch=batch)
+        comparison.batch = batch
     elif comparison.batch.is_frozen:
         raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
-    now = timezone.now()
     judgment = Judgment.objects.create(
-        comparison=comparison, assignment=assignment, annotator=annotator, source=source, chosen=chosen,
+        comparison=comparison, assignment_id=locked.id, annotator=annotator, source=source, chosen=chosen,
         strength=strength, a_safe=safety.a_safe, b_safe=safety.b_safe,
         safety_bin=safety_bin_for(chosen, safety.a_safe, safety.b_safe), harm_categories=harm_categories,
         note=note.strip(), seconds_spent=seconds_spent, idempotency_key=idempotency_key,
     )
-    assignment.status = Assignment.Status.SUBMITTED
-    assignment.submitted_at = now
-    assignment.save(update_fields=["status", "submitted_at"])
+    Assignment.objects.filter(pk=locked.id).update(status=Assignment.Status.SUBMITTED, submitted_at=timezone.now())
     return judgment
 
 
@@ -422,29 +484,12 @@ def judgment_submit_once(
     The assignment row is locked first, so two concurrent replays of one submission serialize and
     the second sees the first's judgment. A key already used on another assignment is an error.
     """
-    # One hand-written statement (it runs before judgment_submit's own queries on every submission;
-    # through the ORM it cost about 1 ms of query compilation). It locks the caller's assignment
-    # and reads its status: a statement that waited for the lock sees the row as the concurrent
-    # replay committed it ("submitted"), though its subquery still reads the older snapshot --
-    # which is why the replay is recognised by the status, not by looking for the judgment.
-    lock = " FOR UPDATE OF a" if connection.features.has_select_for_update_of else ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT a.status, (SELECT j.assignment_id FROM annotation_judgment j WHERE j.annotator_id = %s "
-            "AND j.idempotency_key = %s AND j.idempotency_key <> '') "
-            "FROM annotation_assignment a WHERE a.id = %s AND a.annotator_id = %s" + lock,
-            [annotator.pk, idempotency_key, assignment_id, annotator.pk],
-        )
-        found = cursor.fetchone()
-    if found is None:
-        raise Http404("No such assignment.")
-    status, keyed = found
-    if keyed is not None and keyed != assignment_id:
+    locked = _lock_for_submission(assignment_id=assignment_id, annotator=annotator, idempotency_key=idempotency_key)
+    if locked.keyed_assignment_id is not None and locked.keyed_assignment_id != assignment_id:
         raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
-    if status == Assignment.Status.SUBMITTED:  # only judgment_submit sets it, with the judgment
+    if locked.status == Assignment.Status.SUBMITTED:  # only a submission sets it, with the judgment
         return Judgment.objects.select_related("comparison__batch").get(assignment_id=assignment_id), False
-    assignment = Assignment(pk=assignment_id)  # judgment_submit locks and reads it again itself
-    judgment = judgment_submit(assignment=assignment, annotator=annotator, idempotency_key=idempotency_key, **fields)
+    judgment = _judgment_record(locked, annotator=annotator, idempotency_key=idempotency_key, **fields)
     return judgment, True
 
 
