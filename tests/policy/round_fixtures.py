@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,13 +12,9 @@ from django.conf import settings as django_settings
 
 from tests.rewards import synthetic
 
-# A model root of this module's files. A worker process reads its model roots from the environment when
-# it starts, and pytest imports every test module before the session's worker starts: adding this root
-# here lets the workers load these checkpoints. The first root stays first (rounds write under it).
-MODEL_ROOT = Path(tempfile.gettempdir()) / f"tandem-test-rounds{os.environ.get('TANDEM_TEST_DB_SUFFIX', '')}-{os.getpid()}"
-_roots = [*map(str, django_settings.TANDEM_MODEL_ROOTS), *os.environ.get("TANDEM_MODEL_ROOTS", "").split(","),
-          str(MODEL_ROOT)]
-os.environ["TANDEM_MODEL_ROOTS"] = ",".join(r for r in dict.fromkeys(_roots) if r)
+# Inside the first model root, which every process of the run shares (workers started later included,
+# whatever other test modules add to TANDEM_MODEL_ROOTS), so no root needs to be added anywhere.
+MODEL_ROOT = Path(django_settings.TANDEM_MODEL_ROOTS[0]) / f"test-rounds{os.environ.get('TANDEM_TEST_DB_SUFFIX', '')}-{os.getpid()}"
 
 TINY_POLICY = dict(base_name="round-base", sft_name="round-sft", vocab_size=400, dim=32, n_layers=1, n_heads=2,
                    n_kv_heads=1, multiple_of=16, max_seq_len=128, base_steps=2, base_dialogs=32, knowledge_repeats=1,

@@ -28,8 +28,8 @@ def worker_world():
 
 @pytest.fixture
 def world(worker_world, settings):
-    # The first root stays the worker's first root: both processes must find the round's folder there.
-    settings.TANDEM_MODEL_ROOTS = [*settings.TANDEM_MODEL_ROOTS, rf.MODEL_ROOT]
+    # The model root is the worker's first root too (round_fixtures.MODEL_ROOT lies inside it), where
+    # both processes find the round's folder.
     settings.TANDEM_DEFAULT_ARMS = ""
     sft, helpful, safety = rf.register(worker_world)
     return {"policy": sft, "helpful": helpful, "safety": safety, "prompts": rf.demo_prompts(8)}
