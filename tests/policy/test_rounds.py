@@ -400,3 +400,43 @@ def test_command_launches_and_waits_with_a_progress_bar(world, monkeypatch, caps
     assert rnd.status == JobStatus.SUCCEEDED and rnd.config["ppo"]["n_iterations"] == 2 and rnd.prompts.count() == 6
     assert f"Round {rnd.pk} launched on round-sft (6 prompts" in out and f"succeeded: {rnd.checkpoint_out.name}" in out
     assert rnd.helpfulness_rm == world["helpful"]  # the newest succeeded run on the policy's tokenizer
+
+
+def test_the_web_side_of_rounds_imports_no_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import django, sys; django.setup(); import webapp.urls, webapp.celery, workers.rounds, policy.rounds, "
+            "policy.round_config, policy.api, policy.admin, policy.management.commands.round_launch; "
+            "policy.round_config.RoundConfig.from_dict({'ppo': {'kl_coef': 0.02}}); "
+            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+    assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+
+
+@pytest.mark.django_db
+def test_round_lists_do_not_grow_queries_with_rows(world, admin_client_, api, admin_user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    boss = api(admin_user)
+
+    def queries(get) -> int:
+        with CaptureQueriesContext(connection) as ctx:
+            assert get().status_code == 200
+        return len(ctx)
+
+    def add_round():
+        rnd = launch(world)
+        rounds.round_cancel(rnd=rnd)
+
+    add_round()
+    boss.get("/api/v1/rounds")  # the token's first use records itself once
+    few = (queries(lambda: admin_client_.get(reverse("admin:policy_rlhfround_changelist"))),
+           queries(lambda: boss.get("/api/v1/rounds")))
+    for _ in range(4):
+        add_round()
+    assert (queries(lambda: admin_client_.get(reverse("admin:policy_rlhfround_changelist"))),
+            queries(lambda: boss.get("/api/v1/rounds"))) == few
