@@ -22,6 +22,7 @@ when it returns False (the round was cancelled) the run stops there with RoundCa
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,10 @@ def run_round(spec: RoundSpec, out_dir: str | Path, report: Report) -> RoundResu
             policy, tokenizer, spec.prompts, reward_fn, cfg.rejection_sampling_config(spec.round_number, spec.device),
             out / "rejection_sampling", pool_in=spec.pool_in, progress=tracker.rejection_sampling,
         )  # fmt: skip
+        if not all(math.isfinite(result.metrics[k]) for k in ("reward_mean", "reward_best_mean")):
+            # A NaN score makes "the best of K" meaningless; the chunks on disk show which samples had it.
+            raise ValueError(f"the reward models returned non-finite scores during rejection sampling (mean "
+                             f"{result.metrics['reward_mean']}); see {out / 'rejection_sampling' / 'samples'}")
         metrics["rejection_sampling"] = result.metrics
         metrics["pool_path"] = str(result.pool_path)
         tracker.end("rejection_sampling", {"rejection_sampling": result.metrics, "pool_path": str(result.pool_path)})

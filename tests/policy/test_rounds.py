@@ -440,3 +440,19 @@ def test_round_lists_do_not_grow_queries_with_rows(world, admin_client_, api, ad
         add_round()
     assert (queries(lambda: admin_client_.get(reverse("admin:policy_rlhfround_changelist"))),
             queries(lambda: boss.get("/api/v1/rounds"))) == few
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("stages", [["ppo"], ["rejection_sampling", "sft"]])
+def test_non_finite_rewards_fail_the_round_with_the_reason(world, monkeypatch, stages):
+    from policy.reward import TwinRewardModels
+
+    def nan_scores(self, prompts, responses, tokens):
+        return torch.full((len(prompts),), float("nan"), dtype=torch.float64), torch.ones(len(prompts))
+
+    monkeypatch.setattr(TwinRewardModels, "__call__", nan_scores)
+    rnd = launch(world, stages=stages)
+    assert round_worker.run_round(rnd.pk) == "failed"
+    rnd.refresh_from_db()
+    assert rnd.status == JobStatus.FAILED and "non-finite" in rnd.error and rnd.checkpoint_out is None
+    assert not Checkpoint.objects.filter(produced_by=rnd).exists()
