@@ -14,6 +14,7 @@ Every time is the best of --repeats runs (this machine is shared; the minimum is
 
     .venv/bin/python -m bench.bench_sampling            # quick: batch 16, 32 new tokens, one repeat
     .venv/bin/python -m bench.bench_sampling --full     # the reported run: batch 16 and 64, 128 new tokens
+    .venv/bin/python -m bench.bench_sampling --breakdown  # where a batch-64 decode step goes (torch profiler)
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from policy.checkpoints import save_hf
-from policy.generate import generate
-from policy.model import ModelArgs, Transformer
+from policy.generate import decode_one_token, generate, sample_with_logprobs
+from policy.model import KVCache, ModelArgs, Transformer
 
 BENCH_ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000, multiple_of=32)
 SMOKE_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16)
@@ -118,6 +119,46 @@ def load_transformers_twin(model: Transformer) -> torch.nn.Module | None:
     return hf
 
 
+def step_breakdown(args: ModelArgs, batch: int, repeats: int) -> dict[str, float]:
+    """ms per decode step (model + sampling) and its parts, from the torch profiler: weight matmuls (aten::mm),
+    attention matmuls (aten::bmm), sampling with log-probs, the rest. Steps at cache slots 64, 128 and 190:
+    the start, middle and end of 128 new tokens after a 64-token prompt. Every part comes from the same
+    profiled steps, so a busy machine inflates them together instead of skewing one against another."""
+    from torch.profiler import profile, record_function
+
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    slots = (64, 128, 190)
+    best: dict[str, float] | None = None
+    with torch.inference_mode():
+        cache = KVCache(args, batch, max(slots) + 1, torch.device("cpu"), torch.float32)
+        cache.k.normal_(), cache.v.normal_()
+        valid = torch.ones(batch, max(slots) + 1, dtype=torch.bool)
+        positions = torch.arange(max(slots) + 1).expand(batch, -1)
+        token = torch.randint(3, args.vocab_size, (batch,))
+        generator = torch.Generator().manual_seed(0)
+
+        def steps() -> None:
+            for slot in slots:
+                with record_function("model"):
+                    logits = decode_one_token(model, token, valid, positions, cache, slot)
+                with record_function("sampling"):
+                    sample_with_logprobs(logits, 1.0, 0, 1.0, generator)
+
+        steps()  # warm-up
+        for _ in range(repeats):
+            with profile() as prof:
+                steps()
+            events = {e.key: e for e in prof.key_averages()}
+            ms = {name: events[name].cpu_time_total / len(slots) / 1e3 for name in ("model", "sampling")}
+            mm, bmm = (events[op].self_cpu_time_total / len(slots) / 1e3 for op in ("aten::mm", "aten::bmm"))
+            parts = {"step": ms["model"] + ms["sampling"], "weight matmuls": mm, "attention matmuls": bmm,
+                     "sampling": ms["sampling"], "other": ms["model"] - mm - bmm}
+            if best is None or parts["step"] < best["step"]:
+                best = parts
+    return best
+
+
 def print_table(rows: list[Row], prompt_len: int, new_tokens: int) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"prompt {prompt_len} tokens, {new_tokens} new tokens, float32")
@@ -136,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the reported run: batch 16 and 64, 128 new tokens")
     size.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
+    size.add_argument("--breakdown", action="store_true", help="profile a batch-64 decode step instead")
     parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (best is kept)")
     opts = parser.parse_args(argv)
     if opts.smoke:
@@ -146,6 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         args, batches, prompt_len, new_tokens, repeats = BENCH_ARGS, [16], 64, 32, 1
     repeats = opts.repeats or repeats
     load_before = os.getloadavg()[0]
+    if opts.breakdown:
+        parts = step_breakdown(BENCH_ARGS, 64, opts.repeats or 4)
+        print(f"batch 64, {torch.get_num_threads()} threads, ms per decode step (best of {opts.repeats or 4}): "
+              + ", ".join(f"{k} {v:.1f}" + ("" if k == "step" else f" ({100 * v / parts['step']:.0f}%)")
+                          for k, v in parts.items()))
+        print(f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+        return
     rows = bench(args, batches, prompt_len, new_tokens, repeats)
     print_table(rows, prompt_len, new_tokens)
     # Other processes on a 2-core machine distort every number: show how busy it was.
