@@ -165,8 +165,10 @@ def run_config(worker_class: str, workers: int, threads: int, concurrency: int, 
                     raise
                 time.sleep(0.2)
         before = _cpu_by_owner(server.pid)
+        load_before = os.getloadavg()[0]
         latencies, errors, seconds = asyncio.run(_load(port, plan, concurrency))
         after = _cpu_by_owner(server.pid)
+        load_after = os.getloadavg()[0]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -176,7 +178,7 @@ def run_config(worker_class: str, workers: int, threads: int, concurrency: int, 
     return {"config": f"{worker_class} x{workers}" + (f" ({threads} threads)" if worker_class == "gthread" else ""),
             "concurrency": concurrency, "requests": len(measured), "seconds": seconds,
             "rps": len(latencies) / seconds, "p50": q[49] * 1000, "p90": q[89] * 1000, "p99": q[98] * 1000,
-            "errors": len(errors), "first_error": errors[0] if errors else "",
+            "errors": len(errors), "first_error": errors[0] if errors else "", "load": (load_before, load_after),
             "cpu": {k: (after[k] - before.get(k, 0.0)) / seconds * 100 for k in after}}
 
 
@@ -201,14 +203,16 @@ def main() -> None:
             print(f"  {r['config']:<22} c={concurrency:<3} {r['rps']:7.0f} req/s  p50 {r['p50']:6.1f} ms  "
                   f"p99 {r['p99']:6.1f} ms  errors {r['errors']} {r['first_error']}  cpu {r['cpu']}", file=sys.stderr)
     print()
+    # CPU ms per submission = CPU % / 100 * 1000 / (req/s): what a submission costs, whatever else runs.
     print("| gunicorn | clients | submissions | req/s | p50 (ms) | p90 (ms) | p99 (ms) | errors "
-          "| CPU % gunicorn / postgres / client / others |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| CPU % gunicorn / postgres / client / others | CPU ms per submission gunicorn / postgres | load before, after |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for r in results:
         cpu = r["cpu"]
         print(f"| {r['config']} | {r['concurrency']} | {r['requests']:,} | {r['rps']:,.0f} | {r['p50']:.1f} | "
               f"{r['p90']:.1f} | {r['p99']:.1f} | {r['errors']} | {cpu['gunicorn']:.0f} / {cpu['postgres']:.0f} / "
-              f"{cpu['client']:.0f} / {cpu['others']:.0f} |")
+              f"{cpu['client']:.0f} / {cpu['others']:.0f} | {10 * cpu['gunicorn'] / r['rps']:.1f} / "
+              f"{10 * cpu['postgres'] / r['rps']:.1f} | {r['load'][0]:.1f}, {r['load'][1]:.1f} |")
 
 
 if __name__ == "__main__":
