@@ -14,12 +14,8 @@ imports this module to enqueue.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +25,14 @@ from annotation import snapshots
 from rewards import services
 from rewards.models import RewardModelRun
 from webapp.jobs import JobStatus
+from workers.locks import folder_lock
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # at most one progress write (and cancellation check) per second, and the last step
 CURVE_POINTS = 200  # the loss curve kept in the run's metrics, thinned to about this many points
-LOCK_FILE = ".worker.lock"
-
-
 class RunCancelled(Exception):
     """The run was cancelled while it trained: stop at this step (its checkpoints stay on disk)."""
-
-
-@contextmanager
-def run_lock(out_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on the run's folder; yields False if another process has it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 @shared_task(name="workers.rewards.train_reward_model", queue="gpu", acks_late=True)
@@ -67,7 +42,7 @@ def train_reward_model(run_id: int) -> str | None:
     if found is None:  # deleted meanwhile
         return None
     out = services.run_output_dir(found)
-    with run_lock(out) as held:
+    with folder_lock(out) as held:
         if not held:
             logger.info("reward run %s is being trained by another worker; this delivery does nothing", run_id)
             return None
@@ -166,7 +141,7 @@ def _pre_training_accuracy(run: RewardModelRun, rows: list[dict], config) -> dic
     pairs whose chosen response is unsafe and the other safe, which no model is trained to prefer.
     """
     from policy.tokenizer import Tokenizer
-    from rewards.data import UNSAFE_CHOSEN, group_test_sets
+    from rewards.data import UNSAFE_CHOSEN
     from rewards.evaluate import evaluate_sets
     from rewards.model import TOKENIZER, load_reward_model
 

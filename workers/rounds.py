@@ -14,12 +14,8 @@ Torch is imported inside the task only: the web process imports this module to e
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import random
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from celery import shared_task
@@ -29,26 +25,9 @@ from policy import rounds
 from policy.models import RLHFRound
 from policy.round_config import RoundConfig
 from workers.generation import prompt_dialog
+from workers.locks import folder_lock
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def folder_lock(folder: Path):
-    """Yields True when this process now holds the round's lock, False when another live process does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @shared_task(name="workers.rounds.run_round", queue="gpu", acks_late=True)

@@ -165,7 +165,7 @@ def test_a_delivery_while_another_worker_holds_the_run_does_nothing(rm_base, in_
     batch = h.judged_batch(24, test_size=4)
     run = services.reward_run_launch(kind="safety", base_checkpoint=rm_base, batches=[batch],
                                      config={**h.TINY_CONFIG, "mix": {"min_train_pairs": 4}})
-    with reward_worker.run_lock(services.run_output_dir(run)) as held:  # as a worker training it holds it
+    with reward_worker.folder_lock(services.run_output_dir(run)) as held:  # as a worker training it holds it
         assert held
         assert train_reward_model(run.pk) is None
         run.refresh_from_db()

@@ -187,7 +187,14 @@ CELERY_BEAT_SCHEDULE = {
         "task": "workers.batches.freeze_previous_week",
         "schedule": crontab(minute=5, hour=0, day_of_week="mon"),
     },
+    "requeue-orphaned-jobs": {
+        "task": "workers.sweeper.requeue_orphaned_jobs",
+        "schedule": int(os.environ.get("TANDEM_ORPHAN_SWEEP_SECONDS", "120")),
+    },
 }
+# A running job whose worker died is sent again once it started at least this long ago.
+TANDEM_ORPHAN_GRACE_SECONDS = int(os.environ.get("TANDEM_ORPHAN_GRACE_SECONDS", "60"))
+TANDEM_ORPHAN_RESEND_SECONDS = int(os.environ.get("TANDEM_ORPHAN_RESEND_SECONDS", "1800"))
 
 # --- REST API -----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
