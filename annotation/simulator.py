@@ -127,7 +127,9 @@ class SimulatedAnnotator:
                 self._post(f"/api/v1/assignments/{assignment['id']}/skip").raise_for_status()
                 report.unjudgeable += 1
                 continue
-            key = uuid.UUID(int=self.rng.getrandbits(128)).hex  # a retry of this request replays, never duplicates
+            # Fresh per submission (a retry of this request would resend it and replay, never duplicate). Not
+            # drawn from the seeded rng: a second run with the same seed and account would reuse old keys.
+            key = uuid.uuid4().hex
             response = self._post(f"/api/v1/assignments/{assignment['id']}/judgment", json=judgment,
                                   headers={"Idempotency-Key": key})
             if response.status_code not in (200, 201):

@@ -129,6 +129,9 @@ def test_api_export_and_command(live_server, make_user):
     call_command("simulate_annotators", "--base-url", live_server.url, "--annotators", "2", "--items", "3",
                  "--seed-world", "4", "--overlap", "2")
     assert Judgment.objects.filter(source="simulated").count() == 6
+    # Run again with the same seed and accounts: new submissions, not replays of the first run's keys.
+    call_command("simulate_annotators", "--base-url", live_server.url, "--annotators", "2", "--items", "1")
+    assert Judgment.objects.filter(source="simulated").count() == 8
     researcher = make_user("reader", role="researcher")
     _, token = api_token_issue(user=researcher, name="t")
     headers = {"Authorization": f"Bearer {token}"}
