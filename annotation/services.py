@@ -398,7 +398,8 @@ def _judgment_record(
         batch = locked.open_batch or batch_open_for()  # created by the week's first judgment
         if batch.is_frozen:
             raise ValidationError(f"Batch {batch.label} is frozen; judgments can no longer be added.")
-        Comparison.objects.filter(pk=comparison.pk).update(batch=batch)
+        with connection.cursor() as cursor:  # by hand, as the lock: an ORM update costs ~0.3 ms to compile
+            cursor.execute("UPDATE annotation_comparison SET batch_id = %s WHERE id = %s", [batch.pk, comparison.pk])
         comparison.batch = batch
     elif comparison.batch.is_frozen:
         raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
@@ -408,7 +409,10 @@ def _judgment_record(
         safety_bin=safety_bin_for(chosen, safety.a_safe, safety.b_safe), harm_categories=harm_categories,
         note=note.strip(), seconds_spent=seconds_spent, idempotency_key=idempotency_key,
     )
-    Assignment.objects.filter(pk=locked.id).update(status=Assignment.Status.SUBMITTED, submitted_at=timezone.now())
+    submitted_at = Assignment._meta.get_field("submitted_at").get_db_prep_value(timezone.now(), connection)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE annotation_assignment SET status = %s, submitted_at = %s WHERE id = %s",
+                       [Assignment.Status.SUBMITTED.value, submitted_at, locked.id])
     return judgment
 
 
