@@ -159,7 +159,8 @@ TANDEM_TEST_SLICE_FRACTION = float(os.environ.get("TANDEM_TEST_SLICE_FRACTION", 
 # --- Celery ---------------------------------------------------------------------------------------
 # Default: a file-system broker that needs no server; the run command starts a real worker on it.
 BROKER_DIR = Path(os.environ.get("TANDEM_BROKER_DIR", VAR_DIR / "broker"))
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
+# (It names a host only so kombu does not warn about a missing one on every connection.)
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://localhost/")
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {
         "data_folder_in": str(BROKER_DIR / "queue"),
