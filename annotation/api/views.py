@@ -134,8 +134,7 @@ class AssignmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
             harm_categories=data["harm_categories"], note=data["note"], seconds_spent=data["seconds_spent"],
             source=Judgment.Source.SIMULATED if is_simulated(request.user) else Judgment.Source.HUMAN,
         )
-        return Response(s.JudgmentSerializer(judgment).data,
-                        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        return Response(s.judgment_payload(judgment), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @action(detail=True, methods=["post"])
     def skip(self, request, pk=None):

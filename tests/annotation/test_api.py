@@ -427,3 +427,25 @@ def test_out_of_range_ids_are_404(client_for, annotator, pk):
     client = client_for(annotator)
     assert client.post(f"/api/v1/assignments/{pk}/judgment", SUBMIT, format="json").status_code == 404
     assert client.get(f"/api/v1/assignments/{pk}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_submission_payload_equals_the_judgment_serializer(make_comparison, annotator):
+    """The submit response is built by hand for speed; it must stay what JudgmentSerializer (the schema) says."""
+    from annotation.api.serializers import JudgmentSerializer, judgment_payload
+
+    first, second = make_comparison(), make_comparison()
+    open_batch = judge(first, annotator, chosen="B", strength=0, a_safe=False, b_safe=True)
+    noted = services.judgment_submit(assignment=services.assignment_lease_next(annotator=annotator),
+                                     annotator=annotator, chosen="A", strength=3, note="<b>why</b>",
+                                     safety=SafetyLabels(a_safe=True, b_safe=False), harm_categories=["violence"],
+                                     seconds_spent=12.5)
+    assert noted.comparison_id == second.pk
+    imported = Judgment.objects.create(comparison=make_comparison(), source=Judgment.Source.IMPORTED, chosen="A")
+    for judgment in [open_batch, noted, imported]:
+        judgment = Judgment.objects.select_related("comparison__batch").get(pk=judgment.pk)
+        assert judgment_payload(judgment) == JudgmentSerializer(judgment).data
+    frozen = services.batch_freeze(batch=Batch.objects.get())
+    judgment = Judgment.objects.select_related("comparison__batch").get(pk=open_batch.pk)
+    assert judgment.comparison.batch == frozen
+    assert judgment_payload(judgment) == JudgmentSerializer(judgment).data
