@@ -1,9 +1,10 @@
 """The whole loop on the demo world, through the product's own services and tasks:
 
     policy answers + world comparisons -> simulated annotator (REST API, noise) -> batch frozen
-    -> twin reward models (rewards.services + workers.rewards) -> round 1: rejection sampling + SFT
-    -> round 2: PPO on round 1's checkpoint (policy.rounds + workers.rounds) -> the oracle's win rate of
-    the new checkpoints against their parents on held-out prompts, with the PPO KL and reward curves.
+    -> twin reward models (rewards.services + workers.rewards) -> `rs_rounds` rounds of rejection sampling +
+    SFT (fresh train prompts each, pooled with the lineage's earlier best) -> a PPO round on the last one's
+    checkpoint (policy.rounds + workers.rounds) -> the oracle's win rate of every new checkpoint against its
+    parent and against the start on held-out prompts, with the PPO KL and reward curves.
 
 Tasks run in this process (the same functions a worker runs); the simulated annotator talks HTTP to a
 WSGI server on a thread. Everything lands in a scratch var folder (SQLite, model root, artifacts).
@@ -35,19 +36,24 @@ from typing import Any
 
 @dataclass
 class LoopSizes:
-    world_comparisons: int = 600  # comparisons of the world's answer styles (reference, wrong, rude, ...)
-    policy_prompts: int = 300  # train prompts the default arms answer (demo-sft@0.7 vs demo-base@1.0)
+    world_comparisons: int = 1200  # comparisons of the world's answer styles (reference, wrong, rude, ...)
+    policy_prompts: int = 600  # train prompts the default arms answer (demo-sft@0.7 vs demo-base@1.0)
     noise: float = 0.1  # the simulated annotator's logistic noise on the oracle's margin
     rm_config: dict[str, Any] = field(default_factory=lambda: {
         "max_seq_len": 192, "micro_batch_size": 16, "lr": 5e-4, "epochs": 2, "checkpoint_every": 0})
-    round_prompts: int = 384  # train prompts of both rounds
+    rm_base: str = "start"  # the reward models' initial weights: "start" (the loop's policy) or a checkpoint name
+    round_prompts: int = 1152  # train prompts of each rejection-sampling round (and of PPO: the first round's)
+    rs_rounds: int = 1  # rejection-sampling + SFT rounds before PPO (each on fresh prompts, pooled with the earlier)
+    ppo_rounds: int = 1  # 0: no PPO round
+    # round1: the config of every rejection-sampling + SFT round; round2: the PPO round's (paper: beta 0.01 for
+    # 7B-13B; our 1M-parameter policy hacked 70%-accurate reward models at 0.01, see docs/bench_loop.md)
     round1: dict[str, Any] = field(default_factory=lambda: {
-        "eval_fraction": 0.0, "rejection_sampling": {"k": 16, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 48,
+        "eval_fraction": 0.0, "rejection_sampling": {"k": 16, "temperature": 1.2, "top_p": 1.0, "max_new_tokens": 48,
                                                      "chunk_prompts": 64},
         "sft": {"lr": 3e-4, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 16, "max_new_tokens": 48}})
     round2: dict[str, Any] = field(default_factory=lambda: {
         "eval_fraction": 0.2, "ppo": {"n_iterations": 30, "batch_size": 32, "mini_batch_size": 8,
-                                      "max_new_tokens": 48, "kl_coef": 0.01, "lr": 1e-4, "value_lr": 1e-4,
+                                      "max_new_tokens": 48, "kl_coef": 0.1, "lr": 5e-5, "value_lr": 1e-4,
                                       "eval_every": 5, "patience": 4, "checkpoint_every": 5},
         "next_batch": {"prompts": 16, "max_new_tokens": 48}})
     eval_prompts: int = 200  # held-out prompts for the oracle's win rate
@@ -122,9 +128,10 @@ def world_prompt_rows(prompts) -> list:
     return rows
 
 
-def oracle_compare(new_dir: str, old_dir: str, prompts, *, temperature: float, max_new_tokens: int, seed: int
-                   ) -> dict[str, Any]:
-    """Both checkpoints answer the held-out prompts; the oracle's win rate of new over old, and more."""
+def oracle_compare(new_dir: str, old_dir: str, prompts, *, temperature: float, max_new_tokens: int, seed: int,
+                   cache: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Both checkpoints answer the held-out prompts; the oracle's win rate of new over old, and more.
+    `cache` keeps each checkpoint's answers (same prompts, temperature and seed give the same answers)."""
     import torch
 
     from policy.checkpoints import load_checkpoint
@@ -134,11 +141,14 @@ def oracle_compare(new_dir: str, old_dir: str, prompts, *, temperature: float, m
 
     dialogs = [p.dialog() for p in prompts]
     answers = {}
+    cache = {} if cache is None else cache
     for key, path in (("new", new_dir), ("old", old_dir)):
-        model = load_checkpoint(path, dtype=torch.float32).eval()
-        tokenizer = Tokenizer(Path(path) / "tokenizer.model")
-        answers[key] = answer_dialogs(model, tokenizer, dialogs, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, seed=seed)
+        if path not in cache:
+            model = load_checkpoint(path, dtype=torch.float32).eval()
+            tokenizer = Tokenizer(Path(path) / "tokenizer.model")
+            cache[path] = answer_dialogs(model, tokenizer, dialogs, temperature=temperature,
+                                         max_new_tokens=max_new_tokens, seed=seed)
+        answers[key] = cache[path]
     result = win_rate(prompts, answers["new"], answers["old"])
     lo, hi = wilson_interval(result["wins"] + 0.5 * result["ties"], result["n"])
     result.update(ci95=[round(lo, 3), round(hi, 3)], sign_test_p=sign_test_p(result["wins"], result["losses"]))
@@ -192,7 +202,11 @@ def run_loop(*, base_url: str, start, sizes: LoopSizes, log=print) -> dict[str, 
         out["batch"] = {"label": batch.label, "test_size": batch.test_size,
                         "judgments": Judgment.objects.filter(comparison__batch=batch).count()}
     with phase("reward models"):
-        runs = reward_services.reward_runs_launch(kinds=["helpfulness", "safety"], base_checkpoint=start,
+        from policy.models import Checkpoint
+
+        rm_base = start if sizes.rm_base == "start" else Checkpoint.objects.get(name=sizes.rm_base)
+        out["rm_base"] = rm_base.name
+        runs = reward_services.reward_runs_launch(kinds=["helpfulness", "safety"], base_checkpoint=rm_base,
                                                   batches=[batch], config=sizes.rm_config, enqueue=False)
         for run in runs:
             train_reward_model(run.pk)
@@ -201,14 +215,19 @@ def run_loop(*, base_url: str, start, sizes: LoopSizes, log=print) -> dict[str, 
             if run.status != "succeeded":
                 raise RuntimeError(f"reward model {run.kind} {run.status}: {run.error}")
         out["reward_models"] = {r.kind: _rm_summary(r.metrics) for r in (helpful, safety)}
-    round_prompts = world_prompt_rows(world.sample(sizes.round_prompts, seed=sizes.seed + 2, split="train"))
+    plan = []  # (name, stages, config, prompts): fresh train prompts for every rejection-sampling round
+    for i in range(sizes.rs_rounds):
+        plan.append((f"round {i + 1}: rejection sampling + SFT", ["rejection_sampling", "sft"], sizes.round1,
+                     world.sample(sizes.round_prompts, seed=sizes.seed + 2 + 10 * i, split="train")))
+    for i in range(sizes.ppo_rounds):
+        plan.append((f"round {sizes.rs_rounds + i + 1}: PPO", ["ppo"], sizes.round2, plan[0][3] if plan else
+                     world.sample(sizes.round_prompts, seed=sizes.seed + 2, split="train")))
     results = []
     policy = start
-    for name, stages, config in (("round 1: rejection sampling + SFT", ["rejection_sampling", "sft"], sizes.round1),
-                                 ("round 2: PPO", ["ppo"], sizes.round2)):
+    for name, stages, config, prompts in plan:
         with phase(name):
-            rnd = rounds.round_launch(policy=policy, helpfulness_rm=helpful, safety_rm=safety, prompts=round_prompts,
-                                      stages=stages, config=config)
+            rnd = rounds.round_launch(policy=policy, helpfulness_rm=helpful, safety_rm=safety,
+                                      prompts=world_prompt_rows(prompts), stages=stages, config=config)
             status = run_round(rnd.pk)
             rnd.refresh_from_db()
             if status != "succeeded":
@@ -222,21 +241,31 @@ def run_loop(*, base_url: str, start, sizes: LoopSizes, log=print) -> dict[str, 
         out["next_batch_comparisons"] = {
             rnd.pk: Comparison.objects.filter(response_a__checkpoint=rnd.checkpoint_out).count() for rnd in results}
         out["next_batch_jobs"] = [GenerationJob.objects.get(pk=rnd.metrics["next_batch_job"]).status for rnd in results]
-    r1, r2 = results
-    out["round1"] = {"checkpoint": r1.checkpoint_out.name,
-                     "max_vs_median": r1.metrics["rejection_sampling"]["max_vs_median"],
-                     **{k: r1.metrics["rejection_sampling"][k] for k in ("reward_mean", "reward_best_mean", "pool_size",
-                                                                         "sft_loss_first", "sft_loss_last")}}
-    out["round2"] = {"checkpoint": r2.checkpoint_out.name,
-                     **{k: v for k, v in r2.metrics["ppo"].items() if k != "curve"}, "curve": r2.metrics["ppo"]["curve"]}
+    out["rounds"] = []
+    for (name, stages, _, _), rnd in zip(plan, results):
+        row: dict[str, Any] = {"name": name, "stages": stages, "checkpoint": rnd.checkpoint_out.name}
+        if "rejection_sampling" in stages:
+            rs = rnd.metrics["rejection_sampling"]
+            row.update({k: rs.get(k) for k in ("max_vs_median", "reward_mean", "reward_best_mean", "pool_size",
+                                               "pool_new_prompts", "pool_replaced", "pool_kept_earlier",
+                                               "sft_loss_first", "sft_loss_last")})
+        if "ppo" in stages:
+            row.update({k: v for k, v in rnd.metrics["ppo"].items() if k != "curve"}, curve=rnd.metrics["ppo"]["curve"])
+        out["rounds"].append(row)
     held_out = world.sample(sizes.eval_prompts, seed=sizes.seed + 3, split="heldout")
     with phase("oracle evaluation"):
         kw = dict(temperature=sizes.eval_temperature, max_new_tokens=sizes.eval_max_new_tokens, seed=sizes.seed + 4)
-        out["win_rate"] = {
-            "round2_vs_its_parent_round1": oracle_compare(r2.checkpoint_out.path, r1.checkpoint_out.path, held_out, **kw),
-            "round1_vs_its_parent_start": oracle_compare(r1.checkpoint_out.path, start.path, held_out, **kw),
-            "final_vs_start": oracle_compare(r2.checkpoint_out.path, start.path, held_out, **kw),
-        }
+        cache: dict[str, list[str]] = {}
+        out["win_rate"] = {}
+        parent = start
+        for i, rnd in enumerate(results, 1):
+            new = rnd.checkpoint_out
+            out["win_rate"][f"round{i}_vs_its_parent"] = oracle_compare(new.path, parent.path, held_out, cache=cache, **kw)
+            if i > 1:
+                out["win_rate"][f"round{i}_vs_start"] = oracle_compare(new.path, start.path, held_out, cache=cache, **kw)
+            parent = new
+        out["win_rate"]["final_vs_start"] = dict(out["win_rate"][f"round{len(results)}_vs_start" if len(results) > 1
+                                                                 else "round1_vs_its_parent"])
     out["phases"] = phase.rows
     loop_rows = [r for r in phase.rows]
     out["loop_wall_s"] = round(sum(r["wall_s"] for r in loop_rows), 1)
@@ -345,16 +374,22 @@ def _report(r: dict[str, Any]) -> str:
     for row in r["phases"]:
         lines.append(f"  {row['phase']:<45} {row['wall_s']:>8} s wall {row['cpu_s']:>8} s CPU  load {row['load']}")
     lines.append(f"judgments: {r['judgments']}; reward models: {r['reward_models']}")
-    lines.append(f"round 1 Figure 7: {r['round1']['max_vs_median']}")
+    for row in r["rounds"]:
+        if "max_vs_median" in row:
+            lines.append(f"{row['name']}: Figure 7 {row['max_vs_median']}; pool {row['pool_size']} (new "
+                         f"{row['pool_new_prompts']}, replaced {row['pool_replaced']}, kept {row['pool_kept_earlier']});"
+                         f" SFT loss {row['sft_loss_first']} -> {row['sft_loss_last']}")
     for key, w in r["win_rate"].items():
         lines.append(f"{key}: win rate {w['win_rate']:.3f} ({w['wins']} W / {w['losses']} L / {w['ties']} T of {w['n']}),"
                      f" 95% CI {w['ci95']}, sign test p {w['sign_test_p']:.2g}; helpful {w['new_helpful']:.3f} vs "
                      f"{w['old_helpful']:.3f}, correct {w['new_correct']:.3f} vs {w['old_correct']:.3f}, safe on "
                      f"adversarial {w['new_safe_on_adversarial']:.2f} vs {w['old_safe_on_adversarial']:.2f}")
-    lines.append("PPO curve (iteration, reward_raw, kl, eval_reward):")
-    for p in r["round2"]["curve"]:
-        lines.append(f"  {p['iteration']:>3} {p.get('reward_raw', float('nan')):8.4f} {p.get('kl', float('nan')):8.4f}"
-                     f" {p.get('eval_reward', '')}")
+    for row in r["rounds"]:
+        if "curve" in row:
+            lines.append(f"{row['name']} curve (iteration, reward_raw, kl, eval_reward):")
+            for p in row["curve"]:
+                lines.append(f"  {p['iteration']:>3} {p.get('reward_raw', float('nan')):8.4f} "
+                             f"{p.get('kl', float('nan')):8.4f} {p.get('eval_reward', '')}")
     return "\n".join(lines)
 
 
