@@ -46,7 +46,7 @@ class LoopSizes:
     rs_rounds: int = 1  # rejection-sampling + SFT rounds before PPO (each on fresh prompts, pooled with the earlier)
     ppo_rounds: int = 1  # 0: no PPO round
     # round1: the config of every rejection-sampling + SFT round; round2: the PPO round's (paper: beta 0.01 for
-    # 7B-13B; our 1M-parameter policy hacked 70%-accurate reward models at 0.01, see docs/bench_loop.md)
+    # 7B-13B; our 1M-parameter policy hacked 70%-accurate reward models at 0.01, see docs/benchmarks.md, the loop section)
     round1: dict[str, Any] = field(default_factory=lambda: {
         "eval_fraction": 0.0, "rejection_sampling": {"k": 16, "temperature": 1.2, "top_p": 1.0, "max_new_tokens": 48,
                                                      "chunk_prompts": 64},
