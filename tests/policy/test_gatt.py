@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from policy.gatt import (FORMS, GAttConfig, Instruction, build_gatt_samples, policy_sample_fn, sample_instruction,
-                         with_instruction)
+from policy.gatt import (FORMS, GAttConfig, Instruction, build_gatt_samples, policy_sample_fn, sample_instruction)
 from policy.tokenizer import Tokenizer
 from tests.policy.rl_helpers import one_cpu_thread, tiny_policy, tiny_tokenizer  # noqa: F401
 

@@ -361,7 +361,7 @@ def test_api_researchers_read_admins_launch_and_cancel(world, api, make_user, ad
 
     listing = researcher.get("/api/v1/rounds").json()["results"]
     assert [r["id"] for r in listing] == [rnd.pk] and "metrics" not in listing[0]
-    assert researcher.get(f"/api/v1/rounds?status=queued&policy=round-sft").json()["results"][0]["id"] == rnd.pk
+    assert researcher.get("/api/v1/rounds?status=queued&policy=round-sft").json()["results"][0]["id"] == rnd.pk
     assert researcher.get("/api/v1/rounds?bogus=1").status_code == 400
     detail = researcher.get(f"/api/v1/rounds/{rnd.pk}").json()
     assert detail["metrics"] == {} and detail["config"]["rejection_sampling"]["k"] == 2
