@@ -275,12 +275,7 @@ def round_progress(*, rnd: RLHFRound, stage: str | None = None, progress: float 
         if stage is not None:
             current.current_stage = stage
             fields.append("current_stage")
-        if progress is not None:
-            current.progress = min(1.0, max(0.0, progress))
-            fields.append("progress")
-        if message is not None:
-            current.progress_message = message[:300]
-            fields.append("progress_message")
+        fields += current.set_progress(progress=progress, message=message)
         if metrics:
             current.metrics = {**(current.metrics or {}), **_json_safe(metrics)}
             fields.append("metrics")

@@ -395,12 +395,7 @@ def generation_job_update(
         elif status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
             job.finished_at = timezone.now()
             fields.append("finished_at")
-    if progress is not None:
-        job.progress = min(1.0, max(0.0, progress))
-        fields.append("progress")
-    if message is not None:
-        job.progress_message = message[:300]
-        fields.append("progress_message")
+    fields += job.set_progress(progress=progress, message=message)
     if error is not None:
         job.error = error
         fields.append("error")

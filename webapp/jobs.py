@@ -42,3 +42,15 @@ class Job(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+    def set_progress(self, *, progress: float | None = None, message: str | None = None) -> list[str]:
+        """Set the fraction done (clamped to 0..1) and the message (cut to fit); returns the fields set,
+        for save(update_fields=...)."""
+        fields = []
+        if progress is not None:
+            self.progress = min(1.0, max(0.0, progress))
+            fields.append("progress")
+        if message is not None:
+            self.progress_message = message[: self._meta.get_field("progress_message").max_length]
+            fields.append("progress_message")
+        return fields
