@@ -30,6 +30,29 @@ def required(kind: str) -> bool:
 
 
 @pytest.fixture
+def private_cache(settings):
+    """A private in-memory cache: throttle and auth-failure counters never leak between tests, and
+    clearing it never flushes a shared Redis that CACHE_URL may name."""
+    from django.core.cache import cache
+
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": "tests"}}
+    cache.clear()
+    yield cache
+    cache.clear()
+
+
+def assert_imports_no_torch(statements: str) -> None:
+    """Run `statements` after django.setup() in a fresh interpreter and fail if torch got imported:
+    the web process imports these modules, and torch must stay in the workers."""
+    code = (f"import django, sys; django.setup(); {statements}; "
+            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+    assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+
+
+@pytest.fixture
 def make_user(db):
     def make(username: str, *, role: str = "annotator", password: str = "pw-for-tests-1") -> User:
         user = User.objects.create_user(username=username, password=password, is_staff=role == "admin",

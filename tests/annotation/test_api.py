@@ -3,7 +3,6 @@ pushing comparisons, batches, checkpoints."""
 import json
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
@@ -13,18 +12,13 @@ from annotation.exports import annotator_pseudonym
 from annotation.models import Assignment, Batch, Comparison, Judgment, Prompt, Response
 from annotation.services import SafetyLabels
 from policy.models import Checkpoint
+from tests.conftest import assert_imports_no_torch
 from webapp.auth import api_token_issue
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(settings):
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
+def _private_cache(private_cache):
+    pass
 
 
 @pytest.fixture
@@ -374,16 +368,9 @@ class TestCheckpointHashWithoutTorch:
                 assert params[key] == getattr(loaded, key), (fmt, key)
 
     def test_the_api_modules_do_not_import_torch(self):
-        import subprocess
-        import sys
-
-        code = ("import django, sys; django.setup(); import webapp.urls, annotation.api.views, policy.api, "
-                "policy.services, annotation.importers, annotation.snapshots, annotation.exports, webapp.auth; "
-                "from django.urls import get_resolver; get_resolver().url_patterns; "
-                "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                                env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
-        assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+        assert_imports_no_torch("import webapp.urls, annotation.api.views, policy.api, policy.services, "
+                                "annotation.importers, annotation.snapshots, annotation.exports, webapp.auth; "
+                                "from django.urls import get_resolver; get_resolver().url_patterns")
 
 
 @pytest.mark.django_db(transaction=True)

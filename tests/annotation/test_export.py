@@ -6,7 +6,6 @@ import itertools
 import json
 
 import pytest
-from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from annotation import exports, services
@@ -16,14 +15,8 @@ from webapp.auth import api_token_issue
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(settings):
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
+def _private_cache(private_cache):
+    pass
 
 
 @pytest.fixture

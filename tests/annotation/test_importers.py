@@ -5,7 +5,6 @@ import json
 from io import StringIO
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
@@ -23,14 +22,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(settings):
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
+def _private_cache(private_cache):
+    pass
 
 
 def hh(*turns: str) -> str:

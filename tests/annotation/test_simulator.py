@@ -4,7 +4,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 
@@ -16,12 +15,8 @@ from webapp import dashboard
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "simulator-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
+def _private_cache(private_cache):
+    pass
 
 
 def _annotator(noise: float, seed: int = 0) -> SimulatedAnnotator:

@@ -6,7 +6,6 @@ import json
 from io import StringIO
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from rest_framework.test import APIClient
@@ -20,15 +19,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _snapshot_dir(settings, tmp_path):
+def _snapshot_dir(settings, tmp_path, private_cache):
     settings.TANDEM_SNAPSHOT_DIR = tmp_path / "snapshots"
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.fixture

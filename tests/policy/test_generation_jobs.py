@@ -7,6 +7,7 @@ from annotation import services as annotation_services
 from annotation.models import Comparison, Prompt, Response
 from policy import services
 from policy.models import Checkpoint, GenerationJob
+from tests.conftest import assert_imports_no_torch
 from webapp.jobs import JobStatus
 
 
@@ -168,14 +169,6 @@ def test_pair_record_is_duplicate_safe_and_names_the_origin(enqueued, annotator)
 def test_enqueueing_never_imports_torch() -> None:
     """The web process imports the task module to enqueue, the world to make demo prompts, the command
     module to list commands: none of it may pull in torch."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import django, sys; django.setup(); import webapp.celery, workers.generation, policy.services, "
-            "policy.demo_world, annotation.services, policy.management.commands.policy_demo_build; "
-            "policy.demo_world.default_world().sample(5, seed=0); "
-            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
-    assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+    assert_imports_no_torch("import webapp.celery, workers.generation, policy.services, policy.demo_world, "
+                            "annotation.services, policy.management.commands.policy_demo_build; "
+                            "policy.demo_world.default_world().sample(5, seed=0)")

@@ -18,6 +18,7 @@ from policy import rounds
 from policy.checkpoints import sha256_of_checkpoint
 from policy.models import Checkpoint, GenerationJob, RLHFRound
 from policy.round_config import ConfigError, RoundConfig
+from tests.conftest import assert_imports_no_torch
 from tests.policy import round_fixtures as rf
 from webapp.auth import api_token_issue
 from webapp.jobs import JobStatus
@@ -323,8 +324,7 @@ def test_admin_launches_lists_shows_metrics_and_cancels(world, admin_client_):
 # --- API -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def api(db, settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "rounds"}}
+def api(db, private_cache):
 
     def client_for(user):
         client = APIClient()
@@ -403,17 +403,9 @@ def test_command_launches_and_waits_with_a_progress_bar(world, monkeypatch, caps
 
 
 def test_the_web_side_of_rounds_imports_no_torch():
-    import os
-    import subprocess
-    import sys
-
-    code = ("import django, sys; django.setup(); import webapp.urls, webapp.celery, workers.rounds, policy.rounds, "
-            "policy.round_config, policy.api, policy.admin, policy.management.commands.round_launch; "
-            "policy.round_config.RoundConfig.from_dict({'ppo': {'kl_coef': 0.02}}); "
-            "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
-    assert result.returncode == 0, result.stderr[-2000:] or result.stdout
+    assert_imports_no_torch("import webapp.urls, webapp.celery, workers.rounds, policy.rounds, policy.round_config, "
+                            "policy.api, policy.admin, policy.management.commands.round_launch; "
+                            "policy.round_config.RoundConfig.from_dict({'ppo': {'kl_coef': 0.02}})")
 
 
 @pytest.mark.django_db

@@ -204,21 +204,14 @@ def test_admin_launches_from_the_form_and_shows_escaped_evaluation_tables(client
 
 
 @pytest.fixture
-def api(db, settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "reward-api-tests"}}
-    from django.core.cache import cache
-
-    cache.clear()
-
+def api(db, private_cache):
     def client_for(user) -> APIClient:
         _, token = api_token_issue(user=user, name="tests")
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
         return client
 
-    yield client_for
-    cache.clear()
+    return client_for
 
 
 @pytest.mark.django_db

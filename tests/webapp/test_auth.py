@@ -7,7 +7,6 @@ from io import StringIO
 
 import pytest
 from django.contrib.auth.models import User
-from django.core.cache import cache
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
@@ -22,15 +21,8 @@ LIMIT = 3
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(settings):
+def _fresh_cache(settings, private_cache):
     settings.TANDEM_AUTH_FAILURE_LIMIT = LIMIT
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
 
 
 def bearer(token: str, **extra) -> APIClient:

@@ -1,7 +1,6 @@
 """The OpenAPI schema (drf-spectacular) and its docs page, and a bounded schemathesis run against a
 live server as an admin: no 5xx, and every documented response matches the schema."""
 import pytest
-from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from annotation import services, snapshots
@@ -15,14 +14,8 @@ MAX_EXAMPLES = 12  # per operation and pass; ~20 operations x 2 passes stays wel
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache(settings):
-    # A private in-memory cache: throttle counters must not leak between tests, and clearing must
-    # never flush a shared Redis that CACHE_URL may name.
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": "api-tests"}}
-    cache.clear()
-    yield
-    cache.clear()
+def _private_cache(private_cache):
+    pass
 
 
 def admin_client(admin_user) -> tuple[APIClient, str]:
