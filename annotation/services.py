@@ -211,13 +211,18 @@ def _taken_slots(cutoff: datetime) -> Q:
     return Q(status=Assignment.Status.SUBMITTED) | Q(status=Assignment.Status.LEASED, leased_at__gte=cutoff)
 
 
+class _ComparisonFull(Exception):
+    """Raised inside a lease attempt's savepoint to roll it back (and release the row lock)."""
+
+
 @transaction.atomic
 def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
     """The annotator's current lease, or a new one on the oldest comparison with a free slot.
 
-    Candidate rows are locked with SKIP LOCKED so concurrent annotators never wait on, or take,
-    the same comparison; after the lock the free slots are counted again (a fresh statement sees
-    leases committed meanwhile), so a comparison never gets more annotators than its overlap.
+    Candidate rows are locked with SKIP LOCKED so concurrent annotators take different comparisons
+    without waiting; only when every candidate left is locked does it wait for one. After the lock
+    the free slots are counted again (a fresh statement sees leases committed meanwhile), so a
+    comparison never gets more annotators than its overlap.
     """
     now = now or timezone.now()
     cutoff = _lease_cutoff(now)
@@ -243,23 +248,33 @@ def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None =
     )
     tried: list[int] = []
     for _ in range(MAX_LEASE_ATTEMPTS):
-        # Lock one row at a time: locking several would hide them all from concurrent annotators.
-        comparison = candidates.exclude(id__in=tried).select_for_update(skip_locked=True, of=("self",)).first()
-        if comparison is None:
-            return None
-        tried.append(comparison.id)
-        if Assignment.objects.filter(comparison=comparison).filter(_taken_slots(cutoff)).count() >= comparison.overlap:
-            continue
-        # The slot of an expired lease is handed on; its holder can no longer submit.
-        Assignment.objects.filter(
-            comparison=comparison, status=Assignment.Status.LEASED, leased_at__lt=cutoff
-        ).update(status=Assignment.Status.EXPIRED)
+        remaining = candidates.exclude(id__in=tried)
         try:
+            # A savepoint per attempt: rolling it back releases the row lock of a comparison found full, so
+            # this transaction holds no comparison lock while it waits below, and two waiters cannot deadlock.
             with transaction.atomic():
+                # Lock one row at a time: locking several would hide them all from concurrent annotators.
+                comparison = remaining.select_for_update(skip_locked=True, of=("self",)).first()
+                if comparison is None:
+                    # Every comparison left with a free slot is locked by someone leasing or judging it right
+                    # now. Those locks last milliseconds: wait for the oldest rather than answer "nothing to
+                    # do" while a slot may still be free (two annotators on the last comparison of overlap 2).
+                    comparison = remaining.select_for_update(of=("self",)).first()
+                    if comparison is None:
+                        return None
+                tried.append(comparison.id)
+                if Assignment.objects.filter(comparison=comparison).filter(_taken_slots(cutoff)).count() >= comparison.overlap:
+                    raise _ComparisonFull
+                # The slot of an expired lease is handed on; its holder can no longer submit.
+                Assignment.objects.filter(
+                    comparison=comparison, status=Assignment.Status.LEASED, leased_at__lt=cutoff
+                ).update(status=Assignment.Status.EXPIRED)
                 return Assignment.objects.create(
                     comparison=comparison, annotator=annotator, leased_at=now,
                     displayed_order=secrets.choice(Assignment.Order.values),
                 )
+        except _ComparisonFull:
+            continue
         except IntegrityError:  # the same annotator leased it from another tab meanwhile
             continue
     return None

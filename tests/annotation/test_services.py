@@ -124,6 +124,37 @@ def test_locked_comparison_is_skipped_not_waited_for(make_comparison, make_user)
     assert result == {"alice": first.id, "bob": second.id}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_last_free_slot_is_waited_for_not_missed(make_comparison, make_user):
+    """Two annotators lease the last comparison (overlap 2) at once: the second waits for the first's
+    row lock and gets the other slot, instead of hearing that nothing is left."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks need PostgreSQL (SQLite serializes all writers)")
+    shared = make_comparison(overlap=2)
+    alice, bob = make_user("alice"), make_user("bob")
+    inside, release, result = threading.Event(), threading.Event(), {}
+
+    def hold():
+        from django.db import connections
+
+        with transaction.atomic():
+            result["alice"] = services.assignment_lease_next(annotator=alice).comparison_id
+            inside.set()
+            release.wait(10)
+        connections.close_all()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait(10)
+    threading.Timer(0.3, release.set).start()  # bob's call below blocks until alice's transaction ends
+    got = services.assignment_lease_next(annotator=bob)
+    release.set()
+    t.join()
+    assert got is not None and result == {"alice": shared.id} and got.comparison_id == shared.id
+    # A third annotator finds both slots taken, after waiting for nobody.
+    assert services.assignment_lease_next(annotator=make_user("carol")) is None
+
+
 @pytest.mark.django_db
 class TestJudging:
     def test_submit_records_labels_and_lands_in_open_batch(self, make_comparison, annotator):
