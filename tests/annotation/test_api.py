@@ -73,11 +73,16 @@ class TestAssignmentsAndJudging:
         assert client.post("/api/v1/assignments/next").status_code == 204  # nothing left
 
     def test_submission_statements_are_pinned(self, client_for, annotator, other_annotator, make_comparison,
-                                              django_assert_num_queries):
+                                              make_user, django_assert_num_queries):
         """The hot path: the token; the transaction's begin; one statement that locks the assignment and its
         comparison and reads the replay state and both batches; the comparison's batch; the insert; the
-        assignment's status; the end. A judgment on a comparison that already has its batch skips one."""
+        assignment's status; the end. A judgment on a comparison that already has its batch skips one.
+        (On PostgreSQL each is prepared on a connection's first use: a warm-up submission does that.)"""
         services.batch_open_for()  # the week's first judgment also creates the week's batch
+        make_comparison()
+        warm = client_for(make_user("warm-up"))
+        warm_id = warm.post("/api/v1/assignments/next").json()["id"]
+        assert warm.post(f"/api/v1/assignments/{warm_id}/judgment", SUBMIT, format="json").status_code == 201
         make_comparison(overlap=2)
         first, second = client_for(annotator), client_for(other_annotator)
         ids = [c.post("/api/v1/assignments/next").json()["id"] for c in (first, second)]  # tokens' first use
@@ -90,7 +95,7 @@ class TestAssignmentsAndJudging:
         with django_assert_num_queries(6):
             response = second.post(f"/api/v1/assignments/{ids[1]}/judgment", SUBMIT, format="json")
         assert response.status_code == 201 and response.json()["batch"] == Batch.objects.get().label
-        assert Judgment.objects.filter(comparison__batch__isnull=False).count() == 2
+        assert Judgment.objects.filter(comparison__batch__isnull=False).count() == 3
 
     def test_key_reused_on_another_assignment_is_refused(self, client_for, annotator, make_comparison):
         make_comparison(), make_comparison()
