@@ -119,14 +119,14 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Ten
 
     Same result as scaled_dot_product_attention, but on CPU about 30% faster for this shape (measured in
     bench/bench_sampling.py's setting), where decoding spends most of its non-matmul time: the H/K query
-    heads sharing a key/value head become the columns of one small matmul, so no head is repeated. The
-    scores are computed as k @ q^T, which walks the cached keys row by row as they lie in memory: 20%
-    less time than q @ k^T for these shapes on CPU (the keys are the bulk of the bytes read).
+    heads sharing a key/value head become the rows of one small matmul, so no head is repeated. (On an
+    AMD EPYC host k @ q^T was the faster order for the scores; on the Intel Xeon that runs the benchmark
+    now q @ k^T takes 8% less of a whole decode step: docs/benchmarks.md.)
     """
     B, H, _, D = q.shape
     K = k.shape[1]
     q = q.view(B, K, H // K, D)  # query heads grouped by the key/value head they read
-    scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) * D**-0.5  # (B, K, S, H/K) -> (B, K, H/K, S)
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5  # (B, K, H/K, S)
     scores = scores.float().masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1).type_as(v) @ v).view(B, H, 1, D)
 
