@@ -1,4 +1,5 @@
 import threading
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -97,31 +98,43 @@ def test_concurrent_leases_never_share_a_comparison(make_comparison, make_user):
     assert sorted(leased) == sorted(c.id for c in comparisons)
 
 
+@contextmanager
+def lease_held_open(annotator, *, release_after: float | None = None):
+    """In another thread and connection, lease the next comparison for `annotator` and keep that transaction
+    (and the row lock it took) open until the block ends, or for release_after seconds once the block starts.
+    Yields the leased comparison's id."""
+    from django.db import connections
+
+    inside, release, leased = threading.Event(), threading.Event(), []
+
+    def hold():
+        with transaction.atomic():
+            leased.append(services.assignment_lease_next(annotator=annotator).comparison_id)
+            inside.set()
+            release.wait(10)
+        connections.close_all()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(10)
+    if release_after is not None:
+        threading.Timer(release_after, release.set).start()
+    try:
+        yield leased[0]
+    finally:
+        release.set()
+        thread.join()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_locked_comparison_is_skipped_not_waited_for(make_comparison, make_user):
     """While one transaction holds the lease lock, another annotator gets the next comparison."""
     if connection.vendor != "postgresql":
         pytest.skip("SKIP LOCKED needs PostgreSQL")
     first, second = make_comparison(), make_comparison()
-    alice, bob = make_user("alice"), make_user("bob")
-    inside, release, result = threading.Event(), threading.Event(), {}
-
-    def hold():
-        from django.db import connections
-
-        with transaction.atomic():
-            result["alice"] = services.assignment_lease_next(annotator=alice).comparison_id
-            inside.set()
-            release.wait(10)
-        connections.close_all()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    inside.wait(10)
-    result["bob"] = services.assignment_lease_next(annotator=bob).comparison_id
-    release.set()
-    t.join()
-    assert result == {"alice": first.id, "bob": second.id}
+    with lease_held_open(make_user("alice")) as alice:  # released only after bob's lease below
+        bob = services.assignment_lease_next(annotator=make_user("bob")).comparison_id
+    assert (alice, bob) == (first.id, second.id)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -131,26 +144,9 @@ def test_last_free_slot_is_waited_for_not_missed(make_comparison, make_user):
     if connection.vendor != "postgresql":
         pytest.skip("row locks need PostgreSQL (SQLite serializes all writers)")
     shared = make_comparison(overlap=2)
-    alice, bob = make_user("alice"), make_user("bob")
-    inside, release, result = threading.Event(), threading.Event(), {}
-
-    def hold():
-        from django.db import connections
-
-        with transaction.atomic():
-            result["alice"] = services.assignment_lease_next(annotator=alice).comparison_id
-            inside.set()
-            release.wait(10)
-        connections.close_all()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    inside.wait(10)
-    threading.Timer(0.3, release.set).start()  # bob's call below blocks until alice's transaction ends
-    got = services.assignment_lease_next(annotator=bob)
-    release.set()
-    t.join()
-    assert got is not None and result == {"alice": shared.id} and got.comparison_id == shared.id
+    with lease_held_open(make_user("alice"), release_after=0.3) as alice:  # bob's call blocks until then
+        bob = services.assignment_lease_next(annotator=make_user("bob"))
+    assert alice == shared.id and bob is not None and bob.comparison_id == shared.id
     # A third annotator finds both slots taken, after waiting for nobody.
     assert services.assignment_lease_next(annotator=make_user("carol")) is None
 
