@@ -6,6 +6,8 @@ what running it costs (docs/benchmarks.md, "Judgment submission"). A statement r
 `execute` is prepared once per database connection under its name, then run with EXECUTE. PREPARE
 is not transactional (the statement survives the rollback of the transaction it was made in), so a
 name is remembered per raw connection and forgotten with it. Other databases run the SQL as it is.
+Named statements live in a server session: behind a pooler in transaction mode (PgBouncer before
+1.21, or without its max_prepared_statements) connect straight to PostgreSQL or pool by session.
 """
 import re
 from collections.abc import Sequence
