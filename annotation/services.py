@@ -440,8 +440,8 @@ def _judgment_record(
 
 def _judgment_insert(judgment: Judgment) -> None:
     """judgment.save() for a new row, as one hand-written INSERT ... RETURNING (prepared on PostgreSQL):
-    the ORM spent ~0.4 ms of Python compiling the same statement on every submission. Values go through
-    each field's pre_save (created_at) and get_db_prep_save, as the ORM's insert does."""
+    the ORM compiled the same statement again on every submission. Values go through each field's
+    pre_save (created_at) and get_db_prep_save, as the ORM's insert does."""
     fields = _JUDGMENT_INSERT_FIELDS
     values = [field.get_db_prep_save(field.pre_save(judgment, True), connection) for field in fields]
     with connection.cursor() as cursor:
