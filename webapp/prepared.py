@@ -12,8 +12,6 @@ Named statements live in a server session: behind a pooler in transaction mode (
 import re
 from collections.abc import Sequence
 
-from django.db import connection
-
 _PLACEHOLDER = re.compile(r"%s|%%")
 
 
@@ -22,13 +20,14 @@ def execute(cursor, name: str, sql: str, params: Sequence) -> None:
 
     `sql` uses %s placeholders as usual; one name stands for one SQL text on a connection.
     """
-    if connection.vendor != "postgresql":
+    db = cursor.db  # the connection this cursor belongs to (Django's cursor wrapper)
+    if db.vendor != "postgresql":
         cursor.execute(sql, params)
         return
-    raw = connection.connection
-    state = getattr(connection, "_tandem_prepared", None)
+    raw = db.connection
+    state = getattr(db, "_tandem_prepared", None)
     if state is None or state[0] is not raw:  # a new connection (or the first use): nothing prepared on it
-        state = connection._tandem_prepared = (raw, set())
+        state = db._tandem_prepared = (raw, set())
     if name not in state[1]:
         numbers = iter(range(1, len(params) + 1))
         numbered = _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if m.group() == "%s" else "%", sql)
