@@ -14,9 +14,8 @@ from annotation.models import Batch
 from rewards.models import RewardModelRun
 from webapp.jobs import JobStatus
 
-from . import rounds
+from . import rounds, selectors, services
 from .models import Checkpoint, RLHFRound
-from .round_config import RoundConfig
 
 CURVES = [("reward_raw", "reward (raw R_c)"), ("kl", "KL(pi || pi_0)"), ("entropy", "entropy"),
           ("clipfrac", "clip fraction"), ("value_loss", "value loss")]
@@ -24,12 +23,23 @@ CURVES = [("reward_raw", "reward (raw R_c)"), ("kl", "KL(pi || pi_0)"), ("entrop
 
 @admin.register(Checkpoint)
 class CheckpointAdmin(admin.ModelAdmin):
-    list_display = ["name", "format", "parent", "produced_by", "short_sha", "created_at"]
-    list_filter = ["format"]
+    list_display = ["name", "format", "parent", "produced_by", "held_back", "short_sha", "created_at"]
+    list_filter = ["format", "held_back"]
     search_fields = ["name", "sha256"]
     list_select_related = ["parent", "produced_by"]
     readonly_fields = ["name", "format", "path", "tokenizer_path", "tokenizer_sha256", "params", "parent",
-                       "produced_by", "sha256", "created_at"]
+                       "produced_by", "held_back", "sha256", "created_at"]
+    actions = ["release_selected"]
+
+    @admin.action(description="Release selected held-back checkpoints (let default generation arms use them)")
+    def release_selected(self, request, queryset):
+        for checkpoint in queryset:
+            try:
+                services.checkpoint_release(checkpoint=checkpoint)
+            except ValidationError as error:
+                self.message_user(request, " ".join(error.messages), messages.WARNING)
+            else:
+                self.message_user(request, f"{checkpoint.name} released: default generation arms may use it.")
 
     def has_add_permission(self, request):
         return False  # registered through the API or manage.py, produced by rounds
@@ -59,9 +69,13 @@ class RoundLaunchForm(forms.ModelForm):
     stage_list = forms.MultipleChoiceField(label="Stages", choices=RLHFRound.Stage.choices,
                                            widget=forms.CheckboxSelectMultiple,
                                            initial=[s.value for s in rounds.DEFAULT_STAGES])
-    round_config = forms.JSONField(label="Config", initial=RoundConfig().to_dict, required=False,
-                                   help_text="RoundConfig (policy/round_config.py); fields left out take defaults",
-                                   widget=forms.Textarea(attrs={"rows": 24, "cols": 80}))
+    eval_tags = forms.CharField(required=False, label="Evaluation prompt tags",
+                                help_text="Comma-separated: evaluate on prompts carrying all these tags (e.g. "
+                                          "demo-world, heldout); none: a held-out share (eval_fraction) of the prompts")
+    round_config = forms.JSONField(
+        label="Config", initial=dict, required=False, widget=forms.Textarea(attrs={"rows": 12, "cols": 80}),
+        help_text="Only what differs from the recipe, e.g. {\"ppo\": {\"kl_coef\": 0.05}}. Fields left out take the "
+                  "recipe of the policy's size (policy/recipes.py, docs/recipes.md), stored whole on the round.")
 
     class Meta:
         model = RLHFRound
@@ -79,14 +93,17 @@ class RoundLaunchForm(forms.ModelForm):
         tags = [t.strip() for t in (data.get("tags") or "").split(",") if t.strip()]
         prompts = rounds.prompts_for_round(ids=ids, batches=list(data.get("batches") or []), tags=tags,
                                            limit=data.get("prompt_limit"))
+        eval_tags = [t.strip() for t in (data.get("eval_tags") or "").split(",") if t.strip()]
+        eval_prompts = rounds.prompts_for_round(tags=eval_tags) if eval_tags else None
         try:
             self.instance = rounds.round_launch(
                 policy=data["policy"], helpfulness_rm=data["helpfulness_rm"], safety_rm=data["safety_rm"],
                 prompts=prompts, stages=data.get("stage_list"), config=data.get("round_config") or {},
-                created_by=self.user,
+                eval_prompts=eval_prompts, created_by=self.user,
             )  # fmt: skip
         except ValidationError as error:
-            fields = {"prompts": "batches", "stages": "stage_list", "config": "round_config"}
+            fields = {"prompts": "batches", "stages": "stage_list", "config": "round_config",
+                      "eval_prompts": "eval_tags"}
             for field, errors in error.message_dict.items():
                 target = fields.get(field, field)
                 if field.startswith("config."):
@@ -98,15 +115,15 @@ class RoundLaunchForm(forms.ModelForm):
 @admin.register(RLHFRound)
 class RLHFRoundAdmin(admin.ModelAdmin):
     list_display = ["id", "policy_in", "status", "stage", "progress_bar", "progress_message", "checkpoint_out",
-                    "created_at"]
-    list_filter = ["status"]
+                    "verdict", "created_at"]
+    list_filter = ["status", "verdict"]
     search_fields = ["policy_in__name", "=id"]
     list_select_related = ["policy_in", "checkpoint_out"]
     actions = ["cancel_selected", "resume_selected"]
     readonly_fields = ["status", "current_stage", "progress", "progress_message", "error", "policy_in", "lineage_root",
                        "helpfulness_rm", "safety_rm", "stages", "prompt_count", "config_json", "snapshot_hashes",
-                       "checkpoint_out", "created_by", "created_at", "started_at", "finished_at", "ppo_curves",
-                       "figure7", "other_metrics"]
+                       "checkpoint_out", "verdict", "evaluation", "created_by", "created_at", "started_at",
+                       "finished_at", "ppo_curves", "figure7", "other_metrics"]
     change_form_template = "admin/policy/rlhfround/change_form.html"
     change_list_template = "admin/policy/rlhfround/change_list.html"
 
@@ -121,7 +138,7 @@ class RLHFRoundAdmin(admin.ModelAdmin):
     def get_fields(self, request, obj=None):
         if obj is None:
             return ["policy", "helpfulness_rm", "safety_rm", "batches", "tags", "prompt_ids", "prompt_limit",
-                    "stage_list", "round_config"]
+                    "eval_tags", "stage_list", "round_config"]
         return self.readonly_fields
 
     def get_readonly_fields(self, request, obj=None):
@@ -166,6 +183,27 @@ class RLHFRoundAdmin(admin.ModelAdmin):
     @admin.display(description="config")
     def config_json(self, obj):
         return format_html("<pre>{}</pre>", json.dumps(obj.config, indent=2))
+
+    @admin.display(description="evaluation against the parent")
+    def evaluation(self, obj):
+        evaluation = (obj.metrics or {}).get("evaluation")
+        human = selectors.round_human_win_rate(rnd=obj)
+        rows = [(label, row) for label, row in (
+            ("oracle (demo world)", (evaluation or {}).get("oracle")),
+            ("helpfulness RM", (evaluation or {}).get("helpfulness_rm")),
+            ("safety RM", (evaluation or {}).get("safety_rm")),
+            ("people", human)) if row]
+        warnings = format_html_join("", '<p style="color:#ba2121"><strong>Warning:</strong> {}</p>',
+                                    ((w,) for w in rounds.round_warnings(obj)))
+        if not rows:
+            return format_html("{}<p>Not evaluated.</p>", warnings)
+        body = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {} / {}</td><td>{}</td></tr>", (
+            (label, f"{r['win_rate']:.1%}" if r.get("win_rate") is not None else "–",
+             f"{r['ci95'][0]:.1%} – {r['ci95'][1]:.1%}", r["wins"], r["losses"], r["ties"], r["n"])
+            for label, r in rows))
+        return format_html("{}<p>{}</p><table><tr><th>judge</th><th>win rate (ties half)</th><th>95% CI</th>"
+                           "<th>W / L / T</th><th>prompts</th></tr>{}</table>",
+                           warnings, rounds.evaluation_line(evaluation), body)
 
     @admin.display(description="PPO curves")
     def ppo_curves(self, obj):

@@ -11,7 +11,7 @@ from annotation.models import Batch
 from rewards.models import RewardModelRun
 from webapp.permissions import IsAdmin, IsResearcher
 
-from . import rounds, services
+from . import rounds, selectors, services
 from .models import Checkpoint, RLHFRound
 
 
@@ -75,19 +75,35 @@ class RoundSerializer(serializers.ModelSerializer):
     class Meta:
         model = RLHFRound
         fields = ["id", "status", "current_stage", "progress", "progress_message", "error", "policy_in", "lineage_root",
-                  "helpfulness_rm", "safety_rm", "stages", "config", "snapshot_hashes", "checkpoint_out", "created_at",
-                  "started_at", "finished_at"]
+                  "helpfulness_rm", "safety_rm", "stages", "config", "snapshot_hashes", "checkpoint_out", "verdict",
+                  "created_at", "started_at", "finished_at"]
         read_only_fields = fields
 
 
 class RoundDetailSerializer(RoundSerializer):
     metrics = serializers.DictField(read_only=True, help_text="Per stage: rejection sampling (incl. max_vs_median, "
                                     "the paper's Figure 7), SFT, PPO (curve: reward, KL, entropy, clip fraction, "
-                                    "value loss per iteration)")
+                                    "value loss per iteration); evaluation: the new checkpoint against its parent on "
+                                    "held-out prompts (oracle, helpfulness_rm, safety_rm: win_rate, wins, losses, "
+                                    "ties, n, ci95; verdict, verdict_source)")
+    evaluation_summary = serializers.SerializerMethodField(help_text="The evaluation in one sentence")
+    human_evaluation = serializers.SerializerMethodField(
+        help_text="People's win rate of the new checkpoint on the evaluation pairs sent to them (null before any)")
 
     class Meta(RoundSerializer.Meta):
-        fields = [*RoundSerializer.Meta.fields, "metrics"]
+        fields = [*RoundSerializer.Meta.fields, "evaluation_summary", "human_evaluation", "warnings", "metrics"]
         read_only_fields = fields
+
+    warnings = serializers.SerializerMethodField(help_text="A regression, a PPO stage that kept its start, ...")
+
+    def get_warnings(self, obj) -> list[str]:
+        return rounds.round_warnings(obj)
+
+    def get_evaluation_summary(self, obj) -> str:
+        return rounds.evaluation_line((obj.metrics or {}).get("evaluation"))
+
+    def get_human_evaluation(self, obj) -> dict | None:
+        return selectors.round_human_win_rate(rnd=obj)
 
 
 class RoundLaunchSerializer(serializers.Serializer):
@@ -106,8 +122,14 @@ class RoundLaunchSerializer(serializers.Serializer):
     stages = serializers.ListField(child=serializers.ChoiceField(choices=RLHFRound.Stage.choices), required=False,
                                    allow_null=True, default=None, help_text="Default: all three, in order")
     config = serializers.DictField(required=False, default=dict,
-                                   help_text="RoundConfig fields to override (policy/round_config.py); errors name "
-                                             "the field as config.<section>.<name>")
+                                   help_text="RoundConfig fields to override (policy/round_config.py); the rest take "
+                                             "the recipe of the policy's size (policy/recipes.py); errors name the "
+                                             "field as config.<section>.<name>")
+    eval_tags = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list,
+                                      help_text="Evaluate on prompts carrying all of these tags (none of them may be "
+                                                "a training prompt); default: a held-out share of the prompts")
+    eval_prompt_ids = serializers.ListField(child=serializers.IntegerField(min_value=1), required=False, default=list,
+                                            max_length=rounds.MAX_PROMPTS, help_text="Evaluation prompts by id")
 
     def validate_batches(self, labels):
         found = {b.label: b for b in Batch.objects.filter(label__in=labels)}
@@ -150,9 +172,11 @@ class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet)
         data = form.validated_data
         prompts = rounds.prompts_for_round(ids=data["prompt_ids"], batches=data["batches"], tags=data["tags"],
                                            limit=data["prompt_limit"])
+        eval_prompts = (rounds.prompts_for_round(ids=data["eval_prompt_ids"], tags=data["eval_tags"])
+                        if data["eval_prompt_ids"] or data["eval_tags"] else None)
         rnd = rounds.round_launch(policy=data["policy"], helpfulness_rm=data["helpfulness_rm"],
                                   safety_rm=data["safety_rm"], prompts=prompts, stages=data["stages"],
-                                  config=data["config"], created_by=request.user)
+                                  config=data["config"], eval_prompts=eval_prompts, created_by=request.user)
         return Response(RoundDetailSerializer(self.get_queryset().get(pk=rnd.pk)).data, status=status.HTTP_201_CREATED)
 
     @action(detail=True, methods=["post"])

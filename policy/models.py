@@ -30,6 +30,9 @@ class Checkpoint(models.Model):
         help_text="The round that trained it",
     )
     sha256 = models.CharField(max_length=64, blank=True)
+    held_back = models.BooleanField(
+        default=False, help_text="Its round's evaluation found it worse than its parent: default generation arms "
+                                 "skip it until an admin releases it")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -98,7 +101,22 @@ class RLHFRound(Job):
     )
     helpfulness_rm = models.ForeignKey("rewards.RewardModelRun", on_delete=models.PROTECT, related_name="+")
     safety_rm = models.ForeignKey("rewards.RewardModelRun", on_delete=models.PROTECT, related_name="+")
+    class Verdict(models.TextChoices):
+        NONE = "", "Not evaluated"
+        IMPROVED = "improved", "Better than its parent"
+        NO_DIFFERENCE = "no_difference", "No measurable difference"
+        REGRESSION = "regression", "Worse than its parent (regression)"
+
     prompts = models.ManyToManyField("annotation.Prompt", related_name="rounds")
+    eval_prompts = models.ManyToManyField(
+        "annotation.Prompt", related_name="evaluated_in_rounds", blank=True,
+        help_text="Prompts the round is evaluated on; none: a held-out share (eval_fraction) of its prompts")
+    human_eval_comparisons = models.ManyToManyField(
+        "annotation.Comparison", related_name="evaluates_rounds", blank=True,
+        help_text="Evaluation pairs (new checkpoint vs parent) sent to people (config.evaluation.human_comparisons)")
+    verdict = models.CharField(max_length=16, choices=Verdict.choices, default="", blank=True,
+                               help_text="The evaluation against the parent: 95% CI of the win rate above, "
+                                         "across or below one half")
     stages = models.JSONField(default=list, help_text="Ordered subset of Stage values")
     config = models.JSONField(default=dict, help_text="The round's typed config, as saved beside its checkpoint")
     snapshot_hashes = models.JSONField(default=list, blank=True)
@@ -119,7 +137,39 @@ class RLHFRound(Job):
             models.CheckConstraint(
                 condition=~Q(status="succeeded") | Q(checkpoint_out__isnull=False), name="rlhfround_success_has_output"
             ),
+            models.CheckConstraint(
+                condition=Q(verdict__in=["", "improved", "no_difference", "regression"]), name="rlhfround_verdict_valid"
+            ),
         ]
 
     def __str__(self) -> str:
         return f"Round {self.pk} on {self.policy_in_id}"
+
+
+class DemoPolicyBuild(Job):
+    """Training the demo policy (demo-base, then demo-sft) on a worker, then registering it and having
+    it answer some demo-world prompts (policy.demo_services)."""
+
+    class Phase(models.TextChoices):
+        BASE = "demo-base", "Pretraining demo-base"
+        SFT = "demo-sft", "SFT of demo-sft"
+        EVAL = "eval", "Evaluation against the oracle"
+        REGISTER = "register", "Registration"
+
+    config = models.JSONField(default=dict, help_text="The DemoBuildConfig, as saved beside both checkpoints")
+    out_dir = models.CharField(max_length=1000, help_text="Folder of the checkpoints, inside the model roots")
+    answer = models.PositiveIntegerField(default=0, help_text="Demo-world prompts the policy answers once built")
+    phase = models.CharField(max_length=16, choices=Phase.choices, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta(Job.Meta):
+        ordering = ["-created_at"]
+        verbose_name = "demo policy build"
+        constraints = Job.Meta.constraints + [
+            models.UniqueConstraint(
+                fields=["out_dir"], condition=Q(status__in=ACTIVE_STATUSES), name="demopolicybuild_one_active_per_folder"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Demo policy build {self.pk}"

@@ -8,6 +8,10 @@ never refused later by the worker (tests/policy/test_rounds.py pins that).
 
 Errors name the field by its dotted path ("ppo.kl_coef", "rejection_sampling.k"), which the services
 turn into "config.ppo.kl_coef" for the form, the API's 400 and the command line.
+
+The defaults below are the small-model recipe (every model under 1B parameters, the demo policy
+included); a launch resolves a user's partial config with `RoundConfig.for_policy(data, params)`, which
+puts the paper's values under it for larger policies (policy/recipes.py says why).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 @dataclass
 class RejectionSamplingSection:
-    k: int = 8  # samples per prompt, the best one kept (paper: 10-100)
+    k: int = 16  # samples per prompt, the best one kept (paper: 10-100)
     temperature: float = 1.2  # sampling temperature (paper: 1.2-1.3 best for 10-100 samples)
     top_p: float = 1.0  # nucleus sampling (1: off)
-    max_new_tokens: int = 64  # longest response sampled
-    chunk_prompts: int = 16  # prompts per resumable chunk
+    max_new_tokens: int = 48  # longest response sampled
+    chunk_prompts: int = 64  # prompts per resumable chunk
     rescore_pool: bool = True  # re-score the lineage's earlier best with this round's reward models
 
     def validate(self, p: str) -> None:
@@ -54,8 +58,8 @@ class RejectionSamplingSection:
 
 @dataclass
 class SFTSection:
-    lr: float = 1e-4  # peak learning rate, cosine to 0 (Llama 2 SFT: 2e-5 for 7B+; tiny models need more)
-    epochs: int = 1  # passes over the pool when max_steps is 0
+    lr: float = 3e-4  # peak learning rate, cosine to 0 (Llama 2 SFT: 2e-5 for 7B+; tiny models need more)
+    epochs: int = 3  # passes over the pool when max_steps is 0
     max_steps: int = 0  # > 0: exactly this many optimizer steps
     batch_size: int = 16  # sequences per optimizer step
     warmup_steps: int = 0
@@ -74,23 +78,23 @@ class SFTSection:
 
 @dataclass
 class PPOSection:
-    n_iterations: int = 20  # PPO iterations (paper: 200-400)
-    batch_size: int = 16  # prompts per iteration (paper: 512)
-    mini_batch_size: int = 4  # samples per optimizer step (paper: 64); must divide batch_size
+    n_iterations: int = 30  # PPO iterations (paper: 200-400)
+    batch_size: int = 32  # prompts per iteration (paper: 512)
+    mini_batch_size: int = 8  # samples per optimizer step (paper: 64); must divide batch_size
     ppo_epochs: int = 1  # passes over each batch (paper: 1)
-    max_new_tokens: int = 64
-    kl_coef: float = 0.01  # beta, the per-token KL penalty (paper: 0.01)
+    max_new_tokens: int = 48
+    kl_coef: float = 0.1  # beta, the per-token KL penalty (paper: 0.01 for 7B-13B; small models hack it, see recipes)
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2  # (paper: 0.2)
     cliprange_value: float = 0.2
-    lr: float = 1e-5  # constant (paper: 1e-6 for 7B-70B)
+    lr: float = 5e-5  # constant (paper: 1e-6 for 7B-70B)
     value_lr: float = 1e-4
     weight_decay: float = 0.1  # (paper: 0.1)
     max_grad_norm: float = 1.0  # (paper: 1.0)
     max_kl: float = 50.0  # mean per-sequence KL above which the round fails as diverged
     eval_every: int = 5  # iterations between held-out evaluations (0: never)
-    patience: int = 3  # evaluations without improvement before stopping early
+    patience: int = 4  # evaluations without improvement before stopping early
     checkpoint_every: int = 5  # iterations between resumable training states
 
     def validate(self, p: str) -> None:
@@ -118,7 +122,7 @@ class NextBatchSection:
     prompts: int = 32  # prompts the new checkpoint and its parent answer for the next batch (0: none)
     new_temperature: float = 0.7  # the new checkpoint's arm
     parent_temperature: float = 1.0  # the parent's arm
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
 
     def validate(self, p: str) -> None:
         _check(self.prompts >= 0, f"{p}.prompts", "0 (no next-batch comparisons) or more.")
@@ -128,27 +132,59 @@ class NextBatchSection:
 
 
 @dataclass
+class EvaluationSection:
+    """The round's own check: the new checkpoint against its parent on prompts the round never trained on."""
+
+    prompts: int = 200  # at most this many held-out prompts are answered by both checkpoints (0: no evaluation)
+    min_prompts: int = 20  # fewer held-out prompts than this is refused at launch (a CI over 5 prompts says nothing)
+    temperature: float = 0.7  # both checkpoints sample at this temperature, top_p, seed and length
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+    human_comparisons: int = 0  # this many of the pairs also go to people as comparisons (the paper's human evaluation)
+
+    def validate(self, p: str) -> None:
+        _check(self.prompts >= 0, f"{p}.prompts", "0 (no evaluation) or more.")
+        _check(self.min_prompts >= 1, f"{p}.min_prompts", "At least 1.")
+        _check(0 < self.temperature <= MAX_TEMPERATURE, f"{p}.temperature", f"Above 0 and at most {MAX_TEMPERATURE}.")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", "top_p must be in (0, 1].")
+        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"{p}.max_new_tokens", f"Between 1 and {MAX_NEW_TOKENS}.")
+        _check(0 <= self.human_comparisons <= self.prompts, f"{p}.human_comparisons",
+               f"Between 0 and evaluation.prompts ({self.prompts}).")
+
+
+@dataclass
 class RoundConfig:
     """Everything a round needs besides its checkpoint, reward models and prompts."""
 
     safety_threshold: float = 0.15  # R_c = R_safety when sigmoid(r_safety) is below this (paper: 0.15)
-    eval_fraction: float = 0.1  # share of the prompts held out for PPO's early stopping (0: none)
+    eval_fraction: float = 0.2  # share of the prompts held out: PPO's early stopping and the round's evaluation
     seed: int = 0  # seeds sampling, data order, the held-out split
     rejection_sampling: RejectionSamplingSection = field(default_factory=RejectionSamplingSection)
     sft: SFTSection = field(default_factory=SFTSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     next_batch: NextBatchSection = field(default_factory=NextBatchSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
     def validate(self) -> RoundConfig:
         _check(0 < self.safety_threshold < 1, "safety_threshold", "A probability in (0, 1).")
         _check(0 <= self.eval_fraction < 1, "eval_fraction", "In [0, 1).")
         _check(0 <= self.seed < 2**63, "seed", "A non-negative whole number below 2^63.")
-        for name in ("rejection_sampling", "sft", "ppo", "next_batch"):
+        for name in ("rejection_sampling", "sft", "ppo", "next_batch", "evaluation"):
             getattr(self, name).validate(name)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def for_policy(cls, data: Any, params: Any) -> RoundConfig:
+        """The config a launch on a policy with these ModelArgs params runs: the recipe of the policy's
+        scale (policy/recipes.py), then the user's values over it. ConfigError names a bad field."""
+        from policy.recipes import ROUND_RECIPES, merged, scale_of
+
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("config", "Must be a JSON object.")
+        return cls.from_dict(merged(ROUND_RECIPES[scale_of(params)], data or {}))
 
     @classmethod
     def from_dict(cls, data: Any) -> RoundConfig:

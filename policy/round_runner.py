@@ -8,6 +8,8 @@ The round's folder (out_dir):
                           policy/ (the SFT-on-the-pool result) and result.json once the stage is done
     sft/                  SFT alone on the lineage's pool: policy/ and result.json
     ppo/                  policy.ppo's folder: state.pt every `checkpoint_every` iterations, metrics.jsonl
+    evaluation/           the new checkpoint against its parent on the held-out prompts (policy.round_eval):
+                          answers.jsonl and result.json
     checkpoint/           the output, Meta format + tokenizer.model + training.json (config, lineage, metrics)
     result.json           written last: the round is complete
 
@@ -127,6 +129,18 @@ def run_round(spec: RoundSpec, out_dir: str | Path, report: Report) -> RoundResu
                           "curve": [_curve_point(m) for m in result.metrics]}
         tracker.end("ppo", {"ppo": metrics["ppo"]})
 
+    if cfg.evaluation.prompts and spec.eval_prompts:
+        from policy.round_eval import evaluate_against_parent
+
+        n = min(len(spec.eval_prompts), cfg.evaluation.prompts)
+        tracker.begin("evaluation", f"Evaluation: the new checkpoint and its parent answer {n} held-out prompts.")
+        parent = load_checkpoint(spec.policy_dir, device=device, dtype=torch.float32).eval()
+        policy.eval()
+        metrics["evaluation"] = evaluate_against_parent(policy, parent, tokenizer, spec.eval_prompts, reward_fn,
+                                                        cfg.evaluation, out / "evaluation", seed=cfg.seed + 1)
+        del parent
+        tracker.end("evaluation", {"evaluation": metrics["evaluation"]})
+
     metrics["seconds"] = time.perf_counter() - started
     tracker.begin("output", "Writing the output checkpoint.")
     tokenizer_copy = out / "tokenizer.model"
@@ -213,7 +227,7 @@ class _Tracker:
             return 0.0, 1 / n
         if stage == "ppo":
             return (n - 1) / n, 1 / n
-        return 1.0, 0.0
+        return 0.999, 0.0  # evaluation, output: after the training stages
 
     def _send(self, stage: str, fraction: float, message: str, metrics: Mapping[str, Any] | None, force: bool) -> None:
         now = time.monotonic()

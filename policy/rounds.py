@@ -7,6 +7,7 @@ every status change of a round goes through this module, under a lock on the rou
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import random
@@ -92,16 +93,19 @@ def _clean_stages(stages: Sequence[str] | None) -> list[str]:
     if len(set(stages)) != len(stages):
         raise ValidationError({"stages": "A stage may appear once."})
     ordered = [s for s in known if s in stages]
+    if list(stages) != ordered:
+        raise ValidationError({"stages": f"Stages run in the order {', '.join(known)}; {', '.join(stages)} cannot "
+                                         f"(write {', '.join(ordered)})."})
     if Stage.REJECTION_SAMPLING in ordered and Stage.SFT not in ordered:
         raise ValidationError({"stages": "Rejection sampling keeps the best samples for SFT: add the sft stage."})
     return ordered
 
 
-def _clean_config(config: Mapping[str, Any] | RoundConfig | None) -> RoundConfig:
+def _clean_config(config: Mapping[str, Any] | RoundConfig | None, policy: Checkpoint) -> RoundConfig:
     if isinstance(config, RoundConfig):
         config = config.to_dict()
     try:
-        return RoundConfig.from_dict(config)
+        return RoundConfig.for_policy(dict(config) if isinstance(config, Mapping) else config, policy.params)
     except ConfigError as error:
         raise ValidationError({f"config.{error.field}" if error.field != "config" else "config": error.message})
 
@@ -123,15 +127,49 @@ def _clean_rm(run: RewardModelRun | None, kind: str, field: str, policy: Checkpo
     return run
 
 
-def _clean_prompts(prompts: Sequence[Prompt] | None) -> list[Prompt]:
+def _clean_prompts(prompts: Sequence[Prompt] | None, field: str = "prompts") -> list[Prompt]:
     prompts = list(prompts or [])
     if not prompts:
-        raise ValidationError({"prompts": "The prompt set is empty: a round needs prompts to sample."})
+        raise ValidationError({field: "The prompt set is empty: a round needs prompts to sample."})
     if any(not isinstance(p, Prompt) or p.pk is None for p in prompts):
-        raise ValidationError({"prompts": "Prompts must be saved Prompt rows."})
+        raise ValidationError({field: "Prompts must be saved Prompt rows."})
     if len({p.pk for p in prompts}) > MAX_PROMPTS:
-        raise ValidationError({"prompts": f"At most {MAX_PROMPTS} prompts per round."})
+        raise ValidationError({field: f"At most {MAX_PROMPTS} prompts per round."})
     return prompts
+
+
+def eval_split(prompt_ids: Sequence[int], config: RoundConfig) -> set[int]:
+    """The held-out prompts of a round without explicit evaluation prompts: a seeded share (eval_fraction) of
+    its prompts, the same on every resume. PPO's early stopping and the round's evaluation use them."""
+    ids = sorted(prompt_ids)
+    n = round(len(ids) * config.eval_fraction)
+    if n == 0 or n >= len(ids):
+        return set()
+    return set(random.Random(config.seed).sample(ids, n))
+
+
+def _check_sizes(cfg: RoundConfig, stages: Sequence[str], prompts: list[Prompt], eval_prompts: list[Prompt]) -> None:
+    """Refuse a round its data cannot carry, naming the field and the minimum."""
+    if eval_prompts:
+        overlap = sorted({p.pk for p in eval_prompts} & {p.pk for p in prompts})
+        if overlap:
+            raise ValidationError({"eval_prompts": f"{len(overlap)} evaluation prompt(s) are also training prompts "
+                                                   f"(ids {', '.join(map(str, overlap[:10]))}): a round is evaluated "
+                                                   "on prompts it never trained on."})
+        n_eval, n_train = len({p.pk for p in eval_prompts}), len(prompts)
+    else:
+        n_eval = len(eval_split([p.pk for p in prompts], cfg))
+        n_train = len(prompts) - n_eval
+    if Stage.PPO in stages and n_train < cfg.ppo.batch_size:
+        raise ValidationError({"config.ppo.batch_size": f"PPO samples {cfg.ppo.batch_size} training prompts per "
+                                                        f"iteration and the round has {n_train}: give at least "
+                                                        f"{cfg.ppo.batch_size} training prompts or a smaller batch."})
+    if cfg.evaluation.prompts and min(n_eval, cfg.evaluation.prompts) < cfg.evaluation.min_prompts:
+        raise ValidationError({"prompts": f"The round's evaluation needs at least config.evaluation.min_prompts = "
+                                          f"{cfg.evaluation.min_prompts} held-out prompts and would have {n_eval} "
+                                          f"(eval_fraction {cfg.eval_fraction:g} of {len(prompts)} prompts). Give "
+                                          "more prompts, evaluation prompts of their own, or config.evaluation."
+                                          "prompts = 0 to skip the evaluation."})
 
 
 def _enqueue_round(round_id: int) -> None:
@@ -144,13 +182,15 @@ def _enqueue_round(round_id: int) -> None:
 def round_launch(
     *, policy: Checkpoint, helpfulness_rm: RewardModelRun, safety_rm: RewardModelRun, prompts: Sequence[Prompt],
     stages: Sequence[str] | None = None, config: Mapping[str, Any] | RoundConfig | None = None,
-    created_by: AbstractBaseUser | None = None,
+    eval_prompts: Sequence[Prompt] | None = None, created_by: AbstractBaseUser | None = None,
 ) -> RLHFRound:
     """Launch a round on `policy` with the twin reward models over `prompts`.
 
     Every check comes first and a ValidationError names the field: a policy without weights or tokenizer
     hash, reward models not succeeded or trained on another tokenizer, an empty prompt set, stages or config
-    values out of range, a lineage that already has an active round. Nothing is created when one fails.
+    values out of range, a lineage that already has an active round, evaluation prompts that are also training
+    prompts, too few prompts for PPO's batch or for the evaluation. Nothing is created when one fails.
+    The config is resolved for the policy's size (policy/recipes.py) and stored whole on the round.
     The workers pick the round up once this transaction commits (queue "gpu").
     """
     if not isinstance(policy, Checkpoint) or policy.pk is None:
@@ -163,7 +203,9 @@ def round_launch(
     safety_rm = _clean_rm(safety_rm, RewardModelRun.Kind.SAFETY, "safety_rm", policy)
     prompts = _clean_prompts(prompts)
     stages = _clean_stages(stages)
-    cfg = _clean_config(config)
+    cfg = _clean_config(config, policy)
+    eval_prompts = _clean_prompts(eval_prompts, field="eval_prompts") if eval_prompts is not None else []
+    _check_sizes(cfg, stages, prompts, eval_prompts)
     root = lineage_root_of(policy)
     # Lock the lineage root so two launches on one lineage queue up here; the partial unique constraint
     # backs it (an IntegrityError below is the database refusing the same thing).
@@ -187,6 +229,8 @@ def round_launch(
     except IntegrityError:
         raise ValidationError({"policy": f"The lineage of {root.name} already has an active round."}) from None
     rnd.prompts.set(prompts)
+    if eval_prompts:
+        rnd.eval_prompts.set(eval_prompts)
     transaction.on_commit(lambda: _enqueue_round(rnd.pk), robust=True)
     return rnd
 
@@ -319,23 +363,46 @@ def round_succeed(*, rnd: RLHFRound, checkpoint_dir: str, metrics: Mapping[str, 
     path = services.resolve_in_model_roots(checkpoint_dir)
     services.checkpoint_files(path, Checkpoint.Format.META)
     tokenizer = path / "tokenizer.model"
+    evaluation = (metrics or {}).get("evaluation") or {}
+    verdict = evaluation.get("verdict") or RLHFRound.Verdict.NONE
     checkpoint = Checkpoint.objects.create(
         name=_checkpoint_name(current), format=Checkpoint.Format.TRAINED, path=str(path),
         tokenizer_path=str(tokenizer), tokenizer_sha256=services._sha256_file(tokenizer),
         params=services.checkpoint_params(path, Checkpoint.Format.META), parent=current.policy_in,
         produced_by=current, sha256=services.checkpoint_files_sha256(path),
+        held_back=verdict == RLHFRound.Verdict.REGRESSION,
     )  # fmt: skip
     current.checkpoint_out = checkpoint
+    current.verdict = verdict
     current.status, current.progress, current.finished_at = JobStatus.SUCCEEDED, 1.0, timezone.now()
     current.metrics = {**(current.metrics or {}), **_json_safe(metrics)}
     job = _next_batch_job(current, checkpoint)
     if job is not None:
         current.metrics["next_batch_job"] = job.pk
-    current.progress_message = (f"Done: {checkpoint.name}" + (f"; generation job {job.pk} answers "
-                                f"{job.prompts.count()} prompts for the next batch." if job else "."))[:300]
+    sent = _human_eval_comparisons(current, checkpoint)
+    current.progress_message = (f"Done: {checkpoint.name}. {evaluation_line(evaluation)}"
+                                + (f" Generation job {job.pk} answers {job.prompts.count()} prompts for the next "
+                                   f"batch{' with the parent, ' + current.policy_in.name + ', since this checkpoint is a regression' if checkpoint.held_back else ''}."
+                                   if job else "")
+                                + (f" {sent} evaluation pairs sent to people." if sent else ""))[:300]
     current.save(update_fields=["checkpoint_out", "status", "progress", "finished_at", "metrics",
-                                "progress_message"])
+                                "progress_message", "verdict"])
     return checkpoint
+
+
+def evaluation_line(evaluation: Mapping[str, Any] | None) -> str:
+    """One sentence of a round's evaluation: the deciding win rate with its CI, n and the verdict."""
+    if not evaluation:
+        return "Not evaluated."
+    source = evaluation.get("verdict_source") or "reward_models"
+    row = evaluation.get("oracle") if source == "oracle" else evaluation.get("helpfulness_rm")
+    judge = {"oracle": "the demo world's oracle", "reward_models": "the helpfulness RM"}.get(source, source)
+    if not row or not row.get("n"):
+        return "Not evaluated."
+    lo, hi = row["ci95"]
+    verdict = dict(RLHFRound.Verdict.choices).get(evaluation.get("verdict") or "", "")
+    return (f"Against its parent by {judge}: win rate {row['win_rate']:.1%} (95% CI {lo:.1%}-{hi:.1%}, "
+            f"{row['wins']} W / {row['losses']} L / {row['ties']} T of {row['n']} held-out prompts): {verdict}.")
 
 
 def _next_batch_job(rnd: RLHFRound, checkpoint: Checkpoint) -> GenerationJob | None:
@@ -345,10 +412,43 @@ def _next_batch_job(rnd: RLHFRound, checkpoint: Checkpoint) -> GenerationJob | N
         return None
     held_out = set((rnd.metrics or {}).get("eval_prompt_ids") or [])
     prompts = sorted(rnd.prompts.all(), key=lambda p: (p.pk not in held_out, p.pk))[: cfg.prompts]
+    # A regression does not answer next week's prompts: its parent does, at both temperatures, until an admin
+    # releases the checkpoint (policy.services.checkpoint_release).
+    new = rnd.policy_in if checkpoint.held_back else checkpoint
     return services.generation_job_create(
-        prompts=prompts, arm_a=(checkpoint, cfg.new_temperature), arm_b=(rnd.policy_in, cfg.parent_temperature),
+        prompts=prompts, arm_a=(new, cfg.new_temperature), arm_b=(rnd.policy_in, cfg.parent_temperature),
         max_new_tokens=cfg.max_new_tokens, seed=RoundConfig.from_dict(rnd.config).seed, created_by=rnd.created_by,
     )  # fmt: skip
+
+
+def _human_eval_comparisons(rnd: RLHFRound, checkpoint: Checkpoint) -> int:
+    """Send config.evaluation.human_comparisons of the evaluation's pairs (new vs parent, the answers the
+    worker wrote to evaluation/answers.jsonl) to people as comparisons, linked to the round."""
+    from annotation import services as annotation_services
+    from annotation.models import Comparison, Response
+
+    wanted = RoundConfig.from_dict(rnd.config).evaluation.human_comparisons
+    answers = round_dir(rnd) / "evaluation" / "answers.jsonl"
+    ids = (rnd.metrics or {}).get("eval_prompt_ids") or []
+    if not wanted or not answers.is_file() or rnd.human_eval_comparisons.exists():
+        return 0
+    cfg = RoundConfig.from_dict(rnd.config).evaluation
+    prompts = {p.pk: p for p in Prompt.objects.filter(pk__in=ids)}
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "evaluation_of_round": rnd.pk}
+    made = []
+    for line in answers.read_text().splitlines()[:wanted]:
+        row = json.loads(line)
+        prompt = prompts.get(ids[row["index"]]) if row["index"] < len(ids) else None
+        if prompt is None or row["new"] == row["parent"]:
+            continue  # the same text twice is no comparison
+        a = Response.objects.create(prompt=prompt, checkpoint=checkpoint, text=row["new"] or "(empty)",
+                                    temperature=cfg.temperature, sampling=sampling)
+        b = Response.objects.create(prompt=prompt, checkpoint=rnd.policy_in, text=row["parent"] or "(empty)",
+                                    temperature=cfg.temperature, sampling=sampling)
+        made.append(annotation_services.comparison_create(prompt=prompt, response_a=a, response_b=b,
+                                                          origin=Comparison.Origin.SAMPLING))
+    rnd.human_eval_comparisons.set(made)
+    return len(made)
 
 
 def _json_safe(value: Any) -> Any:
@@ -362,3 +462,41 @@ def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, bool)):
         return value
     return str(value)
+
+
+def round_warnings(rnd: RLHFRound) -> list[str]:
+    """What a researcher should know about a finished round before using its checkpoint: a regression, a
+    PPO stage that kept its starting policy (with the likely cause and what to change)."""
+    metrics = rnd.metrics or {}
+    warnings = []
+    evaluation = metrics.get("evaluation")
+    if rnd.verdict == RLHFRound.Verdict.REGRESSION:
+        warnings.append(f"The new checkpoint is worse than its parent ({evaluation_line(evaluation)}) It is held "
+                        "back: default generation arms use the parent until an admin releases it.")
+    elif rnd.verdict == RLHFRound.Verdict.NO_DIFFERENCE:
+        warnings.append("No measurable difference from the parent: the 95% CI of the win rate contains one half. "
+                        "More evaluation prompts narrow it; see the round's evaluation.")
+    elif not evaluation and rnd.status == JobStatus.SUCCEEDED:
+        warnings.append("The round was not evaluated against its parent (config.evaluation.prompts = 0 or no "
+                        "held-out prompts).")
+    ppo = metrics.get("ppo") or {}
+    if ppo and ppo.get("best_iteration") == 0:
+        curve = ppo.get("curve") or []
+        clip = [p["clipfrac"] for p in curve if p.get("clipfrac") is not None]
+        kl = [p["kl"] for p in curve if p.get("kl") is not None]
+        cfg = RoundConfig.from_dict(rnd.config).ppo
+        mean_clip = sum(clip) / len(clip) if clip else 0.0
+        last_kl = kl[-1] if kl else 0.0
+        if mean_clip < 1e-3:
+            why = (f"the policy hardly moved (mean clip fraction {mean_clip:.4f}): raise ppo.lr (now {cfg.lr:g}) "
+                   "or ppo.n_iterations")
+        elif last_kl * cfg.kl_coef > 0.5:
+            why = (f"the KL penalty dominates (KL {last_kl:.2f} nats x beta {cfg.kl_coef:g}): lower ppo.kl_coef or "
+                   "ppo.lr")
+        else:
+            why = ("the held-out reward never rose above iteration 0's: the reward models may not separate this "
+                   f"policy's answers; give more prompts (the round had {metrics.get('prompts', '?')}) or train the "
+                   "reward models on fresher data")
+        warnings.append(f"PPO ended at iteration 0 after {ppo.get('iterations')} iterations (early stopping kept the "
+                        f"starting policy): {why}.")
+    return warnings

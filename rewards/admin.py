@@ -23,7 +23,7 @@ from django.utils.safestring import SafeString
 
 from annotation.models import Batch
 from policy.models import Checkpoint
-from rewards.evaluate import STRENGTH_BUCKETS
+from rewards.evaluate import STRENGTH_BUCKETS, accuracy_warnings
 
 from . import services
 from .models import RewardKind, RewardModelRun
@@ -191,11 +191,20 @@ class RewardModelRunAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["kind", "base_checkpoint", "batch_labels", "status", "progress_bar", "progress_message",
                            "error", "created_by", "created_at", "started_at", "finished_at", "artifact_path"]}),
-        ("Evaluation", {"fields": ["by_test_set", "by_strength", "by_safety_bin", "pre_training",
+        ("Evaluation", {"fields": ["warnings", "by_test_set", "by_strength", "by_safety_bin", "pre_training",
                                    "calibration", "distributions"]}),
         ("Training and data", {"fields": ["training", "data", "config_json"]}),
     ]
     readonly_fields = [f for _, opts in fieldsets for f in opts["fields"]]
+
+    @admin.display(description="warnings")
+    def warnings(self, run):
+        if run.status != "succeeded":
+            return "–"
+        found = accuracy_warnings(_eval_sets(run))
+        if not found:
+            return "None: above chance with 95% confidence and above the length-only baseline."
+        return format_html_join("", '<p style="color:#ba2121"><strong>Warning:</strong> {}</p>', ((w,) for w in found))
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("base_checkpoint", "created_by")

@@ -26,16 +26,23 @@ class RewardModelRunSerializer(serializers.ModelSerializer):
     class Meta:
         model = RewardModelRun
         fields = ["id", "kind", "base_checkpoint", "batches", "snapshots", "status", "progress", "progress_message",
-                  "error", "step", "total_steps", "config", "manifest_sha256", "tokenizer_sha256", "metrics",
-                  "artifact_path", "created_by", "created_at", "started_at", "finished_at"]
+                  "error", "step", "total_steps", "config", "manifest_sha256", "tokenizer_sha256", "warnings",
+                  "metrics", "artifact_path", "created_by", "created_at", "started_at", "finished_at"]
         read_only_fields = fields
+
+    warnings = serializers.SerializerMethodField(
+        help_text="Why the held-out accuracy should not be trusted (not above chance with 95% confidence, not above "
+                  "the length-only baseline, no held-out pairs); empty when fine or not finished")
+
+    def get_warnings(self, run) -> list[str]:
+        return accuracy_warnings((run.metrics or {}).get("eval")) if run.status == "succeeded" else []
 
 
 class RewardModelRunListSerializer(RewardModelRunSerializer):
     """The list leaves out the metrics (per-set evaluation tables, the loss curve): read one run for them."""
 
     class Meta(RewardModelRunSerializer.Meta):
-        fields = [f for f in RewardModelRunSerializer.Meta.fields if f != "metrics"]
+        fields = [f for f in RewardModelRunSerializer.Meta.fields if f not in ("metrics", "warnings")]
         read_only_fields = fields
 
 

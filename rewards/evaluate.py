@@ -173,3 +173,27 @@ if __name__ == "__main__":
     from rewards.cli import evaluate_main
 
     sys.exit(evaluate_main())
+
+
+def accuracy_warnings(evaluation: Mapping[str, Any] | None) -> list[str]:
+    """Why a trained reward model's held-out accuracy should not be trusted, if it should not: no held-out
+    pairs, not above chance with 95% confidence (Wilson interval), or not above the length-only baseline
+    on the same pairs. Empty when it is fine."""
+    from policy.stats import wilson_interval
+
+    overall = (evaluation or {}).get("all") or {}
+    n, accuracy = overall.get("n") or 0, overall.get("accuracy")
+    if not n or accuracy is None:
+        return ["No held-out pairs: the run's accuracy is unknown. Freeze batches with a test slice "
+                "(TANDEM_TEST_SLICE_FRACTION) before training."]
+    warnings = []
+    lo, hi = wilson_interval(accuracy * n, n)
+    if lo <= 0.5:
+        warnings.append(f"Held-out accuracy {accuracy:.1%} (95% CI {lo:.1%}-{hi:.1%}, {n} pairs) is not above chance "
+                        "with confidence: more judgments, a larger test slice or another learning rate may help.")
+    baseline = (overall.get("length_baseline") or {}).get("accuracy")
+    if baseline is not None and accuracy <= baseline:
+        warnings.append(f"Held-out accuracy {accuracy:.1%} is not above the length-only baseline ({baseline:.1%}, "
+                        "always prefer the longer response) on the same pairs: the model has learnt nothing "
+                        "length does not already tell.")
+    return warnings

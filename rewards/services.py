@@ -29,6 +29,7 @@ from django.utils import timezone
 from annotation import snapshots
 from annotation.models import Batch
 from policy.models import Checkpoint
+from policy.recipes import REWARD_RECIPES, scale_of
 from policy.services import checkpoint_files, resolve_in_model_roots
 from rewards.config import RewardTrainConfig
 from rewards.data import DataError, InsufficientData, build_mix
@@ -106,8 +107,9 @@ def reward_config_build(*, kind: str, base_checkpoint: Checkpoint, overrides: di
     if fixed := sorted(set(overrides) & set(RUN_SET_KEYS)):
         raise ValidationError({"config": f"{', '.join(fixed)} come(s) from the run itself, not the config."})
     folder, tokenizer = _base_paths(base_checkpoint)
+    recipe = REWARD_RECIPES[scale_of(base_checkpoint.params)]  # policy/recipes.py: the model's size picks it
     try:
-        config = RewardTrainConfig.from_dict({**LAUNCH_DEFAULTS, **overrides, "kind": kind,
+        config = RewardTrainConfig.from_dict({**LAUNCH_DEFAULTS, **recipe, **overrides, "kind": kind,
                                               "base_checkpoint": str(folder), "tokenizer_path": str(tokenizer)})
     except (TypeError, ValueError) as error:
         raise ValidationError({"config": str(error)}) from None

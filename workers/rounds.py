@@ -15,7 +15,6 @@ Torch is imported inside the task only: the web process imports this module to e
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 from celery import shared_task
@@ -84,15 +83,6 @@ def _as_prompt(prompt: Prompt):
     return RLPrompt(messages=prompt_dialog(prompt), is_safety=prompt.is_adversarial)
 
 
-def eval_split(prompt_ids: list[int], config: RoundConfig) -> set[int]:
-    """The held-out prompts of a round: a seeded share of its prompts, the same on every resume."""
-    ids = sorted(prompt_ids)
-    n = round(len(ids) * config.eval_fraction)
-    if n == 0 or n >= len(ids):
-        return set()
-    return set(random.Random(config.seed).sample(ids, n))
-
-
 def _spec(rnd: RLHFRound):
     from django.conf import settings
 
@@ -102,7 +92,9 @@ def _spec(rnd: RLHFRound):
     config = RoundConfig.from_dict(rnd.config)
     rnd = RLHFRound.objects.select_related("policy_in", "lineage_root", "helpfulness_rm", "safety_rm").get(pk=rnd.pk)
     prompts = list(rnd.prompts.order_by("id"))
-    held_out = eval_split([p.pk for p in prompts], config)
+    explicit = list(rnd.eval_prompts.order_by("id"))
+    held_out = {p.pk for p in explicit} or rounds.eval_split([p.pk for p in prompts], config)
+    eval_rows = explicit or [p for p in prompts if p.pk in held_out]
     roots = settings.TANDEM_MODEL_ROOTS
     policy = rnd.policy_in
     policy_dir = resolve_checkpoint_path(policy.path, roots)
@@ -127,7 +119,7 @@ def _spec(rnd: RLHFRound):
         policy_dir=str(policy_dir), tokenizer_path=str(tokenizer),
         helpful_rm_dir=rnd.helpfulness_rm.artifact_path, safety_rm_dir=rnd.safety_rm.artifact_path,
         prompts=[_as_prompt(p) for p in prompts if p.pk not in held_out],
-        eval_prompts=[_as_prompt(p) for p in prompts if p.pk in held_out],
+        eval_prompts=[_as_prompt(p) for p in eval_rows],
         stages=list(rnd.stages), config=config, round_number=earlier.count() + 1, pool_in=rounds.lineage_pool(rnd),
         lineage=lineage,
     )  # fmt: skip

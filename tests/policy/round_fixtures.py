@@ -87,4 +87,5 @@ TINY_ROUND = {
     "ppo": {"n_iterations": 3, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 8, "eval_every": 0,
             "checkpoint_every": 1, "lr": 1e-4},
     "next_batch": {"prompts": 3, "max_new_tokens": 6},
+    "evaluation": {"prompts": 8, "min_prompts": 2, "max_new_tokens": 6},
 }  # fmt: skip

@@ -101,21 +101,31 @@ def test_the_loop_improves_the_policy_beyond_noise(live_server, start, monkeypat
     assert (helpful.status, safety.status) == (JobStatus.SUCCEEDED, JobStatus.SUCCEEDED), (helpful.error, safety.error)
 
     prompts = list(Prompt.objects.filter(comparisons__batch=batch).distinct())
+    held_out = world_prompt_rows(narrow("heldout"))
     policy = start
+    evaluations = []
     for stages, config in (
         (["rejection_sampling", "sft"], {"eval_fraction": 0, "rejection_sampling": {"k": 6, "temperature": 1.0,
                                          "max_new_tokens": 32, "chunk_prompts": 64},
-                                         "sft": {"lr": 1e-3, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 4}}),
+                                         "sft": {"lr": 1e-3, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 4},
+                                         "evaluation": {"max_new_tokens": 32}}),
         (["ppo"], {"eval_fraction": 0, "ppo": {"n_iterations": 4, "batch_size": 16, "mini_batch_size": 8,
                                                "max_new_tokens": 32, "lr": 1e-4, "eval_every": 0, "checkpoint_every": 2},
-                   "next_batch": {"prompts": 4}}),
+                   "next_batch": {"prompts": 4}, "evaluation": {"max_new_tokens": 32}}),
     ):  # fmt: skip
         rnd = rounds.round_launch(policy=policy, helpfulness_rm=helpful, safety_rm=safety, prompts=prompts,
-                                  stages=stages, config=config)
+                                  stages=stages, config=config, eval_prompts=held_out)
         assert run_round(rnd.pk) == "succeeded"
         rnd.refresh_from_db()
+        evaluations.append(rnd.metrics["evaluation"])
         policy = rnd.checkpoint_out
     assert [p["iteration"] for p in rnd.metrics["ppo"]["curve"]] == [1, 2, 3, 4]
+    # The rejection-sampling round's own evaluation (the oracle on the held-out slice, against its parent)
+    # finds the gain the independent comparison below finds, and says so in its verdict.
+    first = evaluations[0]
+    print(rounds.evaluation_line(first))
+    assert first["n"] == len(held_out) and first["verdict_source"] == "oracle"
+    assert first["oracle"]["wins"] > first["oracle"]["losses"] and first["verdict"] == "improved", first["oracle"]
 
     result = oracle_compare(policy.path, start.path, narrow("heldout"), temperature=0.7, max_new_tokens=32, seed=5)
     print({k: v for k, v in result.items() if k != "examples"})

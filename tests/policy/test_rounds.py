@@ -142,7 +142,7 @@ def test_launch_records_the_round_and_enqueues_after_commit(world, django_captur
     assert sent == [rnd.pk]
     assert (rnd.status, rnd.stages, rnd.lineage_root.name) == (JobStatus.QUEUED, ["rejection_sampling", "sft"],
                                                                "round-base")
-    assert rnd.config["rejection_sampling"]["k"] == 2 and rnd.config["ppo"]["kl_coef"] == 0.01  # defaults filled in
+    assert rnd.config["rejection_sampling"]["k"] == 2 and rnd.config["ppo"]["kl_coef"] == 0.1  # recipe filled in
     assert set(rnd.prompts.all()) == set(world["prompts"])
 
 
@@ -352,10 +352,10 @@ def test_api_researchers_read_admins_launch_and_cancel(world, api, make_user, ad
     assert response.status_code == 400 and "stages" in response.json()
     assert not RLHFRound.objects.exists()
 
-    created = boss.post("/api/v1/rounds", {**body, "tags": ["demo-world"], "prompt_limit": 5}, format="json")
+    created = boss.post("/api/v1/rounds", {**body, "tags": ["demo-world"], "prompt_limit": 8}, format="json")
     assert created.status_code == 201, created.json()
     rnd = RLHFRound.objects.get(pk=created.json()["id"])
-    assert rnd.prompts.count() == 5 and created.json()["policy_in"] == "round-sft"
+    assert rnd.prompts.count() == 8 and created.json()["policy_in"] == "round-sft"
     again = boss.post("/api/v1/rounds", body, format="json")
     assert again.status_code == 400 and "still queued" in again.json()["policy"][0]
 

@@ -103,7 +103,7 @@ def test_a_killed_worker_resumes_and_two_deliveries_make_one_checkpoint(world, m
     queue = f"gpu-rounds-test-{os.getpid()}"
     monkeypatch.setattr(rounds, "_enqueue_round", lambda round_id: run_round.apply_async((round_id,), queue=queue))
     config = {**rf.TINY_ROUND, "rejection_sampling": {"k": 2, "max_new_tokens": 16, "chunk_prompts": 3},
-              "ppo": {**rf.TINY_ROUND["ppo"], "n_iterations": 40, "batch_size": 8, "mini_batch_size": 4,
+              "ppo": {**rf.TINY_ROUND["ppo"], "n_iterations": 40, "batch_size": 6, "mini_batch_size": 3,
                       "max_new_tokens": 24}, "next_batch": {"prompts": 0}}
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     first = start_worker(queue, "rounds-a", logs[0])

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotation.models import Batch
 from policy import rounds
+from policy.rounds import round_warnings
 from policy.models import Checkpoint, RLHFRound
 from rewards.models import RewardModelRun
 from webapp.jobs import ACTIVE_STATUSES, JobStatus
@@ -52,6 +53,9 @@ class Command(BaseCommand):
         parser.add_argument("--tag", action="append", default=[], help="Prompts carrying this tag (all given tags)")
         parser.add_argument("--prompt-ids", default="", help="Comma-separated prompt ids")
         parser.add_argument("--limit", type=int, help="A seeded sample of this many prompts")
+        parser.add_argument("--eval-tag", action="append", default=[],
+                            help="Evaluate on prompts carrying this tag (all given tags), none of them a training "
+                                 "prompt; default: a held-out share (eval_fraction) of the prompts")
         parser.add_argument("--stages", help="Comma-separated, e.g. rejection_sampling,sft,ppo (default: all)")
         parser.add_argument("--config", help="A JSON file of RoundConfig fields")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -80,9 +84,10 @@ class Command(BaseCommand):
             raise CommandError("--prompt-ids takes whole numbers separated by commas") from None
         prompts = rounds.prompts_for_round(ids=ids, batches=batches, tags=o["tag"], limit=o["limit"])
         stages = [s.strip() for s in o["stages"].split(",") if s.strip()] if o["stages"] else None
+        eval_prompts = rounds.prompts_for_round(tags=o["eval_tag"]) if o["eval_tag"] else None
         try:
             rnd = rounds.round_launch(policy=policy, helpfulness_rm=helpful, safety_rm=safety, prompts=prompts,
-                                      stages=stages, config=config)
+                                      stages=stages, config=config, eval_prompts=eval_prompts)
         except ValidationError as error:
             raise CommandError("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in error.message_dict.items())
                                if hasattr(error, "error_dict") else " ".join(error.messages)) from None
@@ -123,7 +128,12 @@ class Command(BaseCommand):
                     raise CommandError(f"Round {rnd.pk} is still {rnd.status} after {timeout:g} s (it goes on).")
                 time.sleep(1)
         if rnd.status == JobStatus.SUCCEEDED:
-            self.stdout.write(f"Round {rnd.pk} succeeded: {rnd.checkpoint_out.name}. {rnd.progress_message}")
+            rnd.refresh_from_db()
+            self.stdout.write(f"Round {rnd.pk} succeeded: {rnd.checkpoint_out.name}.")
+            self.stdout.write(rounds.evaluation_line((rnd.metrics or {}).get("evaluation")))
+            for line in round_warnings(rnd):
+                self.stdout.write(self.style.WARNING(f"Warning: {line}"))
+            self.stdout.write(rnd.progress_message)
         else:
             raise CommandError(f"Round {rnd.pk} {rnd.status}: {rnd.error or rnd.progress_message}")
 

@@ -14,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 from annotation.models import Batch
 from policy.models import Checkpoint
 from rewards import services
+from rewards.evaluate import accuracy_warnings
 from rewards.models import RewardKind, RewardModelRun
 
 
@@ -64,13 +65,20 @@ class Command(BaseCommand):
         failed = False
         for run in runs:
             run.refresh_from_db()
-            accuracy = ((run.metrics or {}).get("eval", {}).get("all") or {}).get("accuracy")
+            overall = (run.metrics or {}).get("eval", {}).get("all") or {}
+            accuracy, baseline = overall.get("accuracy"), (overall.get("length_baseline") or {}).get("accuracy")
             line = f"{run.kind} run #{run.pk}: {run.status}. {run.progress_message}"
             if run.error:
                 line += f" Error: {run.error}"
             if run.artifact_path:
                 line += f" Model: {run.artifact_path}"
-            self.stdout.write(line + (f" (held-out accuracy {accuracy:.3f})" if accuracy is not None else ""))
+            self.stdout.write(line)
+            if accuracy is not None:
+                self.stdout.write(f"  held-out accuracy {accuracy:.3f} on {overall.get('n')} pairs; length-only "
+                                  f"baseline {baseline:.3f}" if baseline is not None else f"  held-out accuracy {accuracy:.3f}")
+            if run.status == "succeeded":
+                for warning in accuracy_warnings((run.metrics or {}).get("eval")):
+                    self.stdout.write(self.style.WARNING(f"  Warning: {warning}"))
             failed |= run.status != "succeeded"
         if failed:
             raise CommandError("Not every run succeeded.")
