@@ -224,7 +224,8 @@ def generation_arms_default() -> tuple[Arm, Arm] | None:
 
     settings.TANDEM_DEFAULT_ARMS ("name@temp,name@temp", from the environment) names them; without it,
     the newest checkpoint with weights at 0.7 against the one before it at 1.0 (a single checkpoint:
-    against itself at 1.2). Named checkpoints that do not exist (yet) mean None.
+    against itself at 1.2), leaving out checkpoints held back as regressions. Named checkpoints that do not
+    exist (yet) mean None.
     """
     spec = getattr(settings, "TANDEM_DEFAULT_ARMS", None) or os.environ.get("TANDEM_DEFAULT_ARMS", "")
     with_weights = Checkpoint.objects.exclude(format=Checkpoint.Format.EXTERNAL)
@@ -234,7 +235,8 @@ def generation_arms_default() -> tuple[Arm, Arm] | None:
         if any(name not in found for name, _ in named):
             return None
         return Arm(found[named[0][0]], named[0][1]), Arm(found[named[1][0]], named[1][1])
-    newest = list(with_weights.order_by("-created_at", "-id")[:2])
+    # A checkpoint its round found worse than its parent answers nothing by default (an admin may release it).
+    newest = list(with_weights.filter(held_back=False).order_by("-created_at", "-id")[:2])
     if not newest:
         return None
     if len(newest) == 1:
@@ -452,3 +454,15 @@ def demo_prompts_answer(*, count: int = 30, seed: int = 0) -> GenerationJob | No
     if not todo:
         return None
     return generation_job_create(prompts=todo, arm_a=arms[0], arm_b=arms[1], seed=seed)
+
+
+@transaction.atomic
+def checkpoint_release(*, checkpoint: Checkpoint) -> Checkpoint:
+    """An admin's decision to use a checkpoint its round's evaluation held back as a regression: default
+    generation arms may pick it again."""
+    checkpoint = Checkpoint.objects.select_for_update().get(pk=checkpoint.pk)
+    if not checkpoint.held_back:
+        raise ValidationError({"held_back": f"Checkpoint {checkpoint.name} is not held back."})
+    checkpoint.held_back = False
+    checkpoint.save(update_fields=["held_back"])
+    return checkpoint
