@@ -4,6 +4,7 @@ Services are keyword-only and atomic; bad input raises django.core.exceptions.Va
 a message meant for the person who sent it, and nothing is written.
 """
 import hashlib
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import Count, F, OuterRef, Q, Subquery, TextField, Value
+from django.db.models.functions import Cast, Coalesce, StrIndex
+from django.db.models.lookups import GreaterThan
 from django.http import Http404
 from django.utils import timezone
 
@@ -218,8 +220,10 @@ class _ComparisonFull(Exception):
 
 
 @transaction.atomic
-def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
-    """The annotator's current lease, or a new one on the oldest comparison with a free slot.
+def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None = None,
+                          tags: Sequence[str] = ()) -> Assignment | None:
+    """The annotator's current lease, or a new one on the oldest comparison with a free slot (and, given
+    tags, whose prompt carries every one of them; they choose among new leases, not the current one).
 
     Candidate rows are locked with SKIP LOCKED so concurrent annotators take different comparisons
     without waiting; only when every candidate left is locked does it wait for one. After the lock
@@ -248,6 +252,12 @@ def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None =
         .filter(taken__lt=F("overlap"))
         .order_by("id")
     )
+    if tags and connection.features.supports_json_field_contains:  # PostgreSQL: jsonb @>
+        candidates = candidates.filter(prompt__tags__contains=list(tags))
+    elif tags:  # SQLite has no JSON containment: find each tag, quoted as json.dumps stored it, in the list's text
+        for tag in tags:
+            found_at = StrIndex(Cast("prompt__tags", TextField()), Value(json.dumps(tag)))
+            candidates = candidates.filter(GreaterThan(found_at, 0))
     tried: list[int] = []
     for _ in range(MAX_LEASE_ATTEMPTS):
         remaining = candidates.exclude(id__in=tried)

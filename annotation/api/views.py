@@ -8,7 +8,7 @@ import django_filters
 from django.http import FileResponse, Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
@@ -20,6 +20,7 @@ from webapp.permissions import IsAdmin, IsAnnotator, IsAnnotatorOrResearcher, Is
 
 from .. import exports, services, snapshots
 from ..models import Assignment, Batch, Comparison, Judgment, Snapshot
+from ..simulator import WORLD_TAG
 from . import serializers as s
 from .filters import (
     FILTER_BACKENDS,
@@ -90,9 +91,18 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 
 
+class LeaseParamsSerializer(serializers.Serializer):
+    tag = serializers.ListField(
+        child=serializers.CharField(max_length=50), required=False, default=list, max_length=20,
+        help_text="Only a comparison whose prompt carries this tag (repeat it: every one); simulated accounts "
+                  f"get only prompts tagged {WORLD_TAG}, whatever they ask.")
+
+
 @extend_schema_view(
-    next=extend_schema(request=None, responses={200: s.AssignmentSerializer, 204: OpenApiResponse(
-        description="No comparison is waiting for you")}),
+    next=extend_schema(request=None, parameters=[LeaseParamsSerializer], responses={
+        200: s.AssignmentSerializer, 204: OpenApiResponse(description="No comparison is waiting for you"),
+        400: OpenApiResponse(description="An unknown query parameter, an empty tag or one over 50 characters, "
+                                          "more than 20 tags")}),
     judgment=extend_schema(request=s.JudgmentSubmitSerializer, parameters=[IDEMPOTENCY_KEY],
                            responses={201: s.JudgmentSerializer, 200: s.JudgmentSerializer}),
     skip=extend_schema(request=None, responses={200: s.AssignmentSerializer}),
@@ -111,10 +121,19 @@ class AssignmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
         return Assignment.objects.filter(annotator=self.request.user).select_related(
             "comparison__prompt", "comparison__response_a", "comparison__response_b")
 
+    def allowed_query_params(self) -> set[str]:
+        return super().allowed_query_params() | ({"tag"} if self.action == "next" else set())
+
     @action(detail=False, methods=["post"])
     def next(self, request):
-        """Your current lease, or a new one on the oldest comparison with a free slot (204: none)."""
-        assignment = services.assignment_lease_next(annotator=request.user)
+        """Your current lease, or a new one on the oldest comparison with a free slot (204: none) whose
+        prompt carries every `tag` given."""
+        params = LeaseParamsSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        tags = params.validated_data["tag"]
+        if is_simulated(request.user):  # the simulator's oracle can judge its own world's prompts only
+            tags = [*tags, WORLD_TAG]
+        assignment = services.assignment_lease_next(annotator=request.user, tags=tags)
         if assignment is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(s.AssignmentSerializer(self.get_queryset().get(pk=assignment.pk)).data)
