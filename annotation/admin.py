@@ -102,8 +102,11 @@ class BatchAdmin(FrozenReadOnlyMixin, admin.ModelAdmin):
                     self.message_user(request, f"Batch {batch.label} was not frozen: {' '.join(error.messages)}",
                                       messages.ERROR)
                 else:
+                    carried = Comparison.objects.filter(carried_from__batch=frozen).count()
                     self.message_user(request, f"Froze batch {frozen.label}: {batch.n_comparisons} comparisons, "
-                                               f"{frozen.test_size} held out, hash {frozen.content_hash[:12]}.",
+                                               f"{frozen.test_size} held out, hash {frozen.content_hash[:12]}."
+                                      + (f" {carried} not fully judged: carried over to the queue, open leases "
+                                         "with them." if carried else ""),
                                       messages.SUCCESS)
 
 

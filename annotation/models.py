@@ -2,7 +2,9 @@
 
 Every invariant is a database constraint as well as a service check, so a bad row is refused even
 when something bypasses the services. Rows of a frozen batch are guarded by triggers
-(migration 0002) because "nothing in a frozen batch changes" spans several tables.
+(migration 0003) because "nothing in a frozen batch changes" spans several tables; so are the
+rules of carrying work over a freeze (migration 0004): no lease stays on a frozen batch, a lease
+moves only to its comparison's carry-over, an annotator is given a pair of responses once.
 """
 from django.conf import settings
 from django.db import models
@@ -10,7 +12,12 @@ from django.db.models import F, Q
 
 
 class Batch(models.Model):
-    """Judgments land in the open batch of their ISO week; freezing makes it immutable."""
+    """Judgments land in the open batch of their ISO week; freezing makes it immutable.
+
+    A week's first batch is "2026-W49" (part 1). Frozen before the week is over, the week goes on in
+    "2026-W49.2" (part 2), and so on: at most one batch of a week is open at a time, and a judgment of
+    that week always lands in it (docs/annotation.md).
+    """
 
     class Kind(models.TextChoices):
         WEEKLY = "weekly", "Weekly annotation"
@@ -24,6 +31,9 @@ class Batch(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.WEEKLY)
     iso_year = models.PositiveSmallIntegerField(null=True, blank=True)
     iso_week = models.PositiveSmallIntegerField(null=True, blank=True)
+    part = models.PositiveSmallIntegerField(
+        default=1, help_text="The week's first batch is part 1; one opened after it froze mid-week is part 2, ..."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
     created_at = models.DateTimeField(auto_now_add=True)
     frozen_at = models.DateTimeField(null=True, blank=True)
@@ -46,8 +56,13 @@ class Batch(models.Model):
                 | Q(iso_year__gte=2000, iso_week__gte=1, iso_week__lte=53),
                 name="batch_weekly_has_iso_week",
             ),
+            models.CheckConstraint(condition=Q(part__gte=1), name="batch_part_positive"),
             models.UniqueConstraint(
-                fields=["iso_year", "iso_week"], condition=Q(kind="weekly"), name="batch_one_per_iso_week"
+                fields=["iso_year", "iso_week"], condition=Q(kind="weekly", status="open"),
+                name="batch_one_open_per_iso_week",
+            ),
+            models.UniqueConstraint(
+                fields=["iso_year", "iso_week", "part"], condition=Q(kind="weekly"), name="batch_week_part_unique"
             ),
         ]
 
@@ -164,7 +179,13 @@ class ComparisonOrigin(models.TextChoices):
 
 
 class Comparison(models.Model):
-    """A prompt with two responses to choose between. It enters a batch with its first judgment."""
+    """A prompt with two responses to choose between. It enters a batch with its first judgment.
+
+    When its batch is frozen before it has all the judgments its overlap asks for (or while someone
+    holds a lease on it), the freeze makes a carry-over: a new comparison of the same prompt and
+    responses, `carried_from` this one, owing the remaining judgments; open leases move to it. The
+    carry-over enters a batch as any comparison does, with its first judgment.
+    """
 
     Origin = ComparisonOrigin
 
@@ -178,6 +199,10 @@ class Comparison(models.Model):
     origin = models.CharField(max_length=32, choices=Origin.choices)
     overlap = models.PositiveSmallIntegerField(default=1, help_text="How many annotators judge it")
     is_test = models.BooleanField(default=False, help_text="In its batch's held-out test slice")
+    carried_from = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="carried_to",
+        help_text="The comparison of a frozen batch whose remaining judgments this one collects",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -188,7 +213,9 @@ class Comparison(models.Model):
             models.CheckConstraint(condition=Q(overlap__gte=1, overlap__lte=50), name="comparison_overlap_range"),
             models.CheckConstraint(condition=~Q(is_test=True) | Q(batch__isnull=False), name="comparison_test_in_batch"),
             models.CheckConstraint(condition=Q(origin__in=ComparisonOrigin.values), name="comparison_origin_valid"),
-            models.UniqueConstraint(fields=["response_a", "response_b"], name="comparison_pair_unique"),
+            # One original per pair; its carry-overs (same pair, same prompt: a trigger, migration 0004) follow it.
+            models.UniqueConstraint(fields=["response_a", "response_b"], condition=Q(carried_from__isnull=True),
+                                    name="comparison_pair_unique"),
         ]
 
     def __str__(self) -> str:

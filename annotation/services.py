@@ -6,6 +6,7 @@ a message meant for the person who sent it, and nothing is written.
 import hashlib
 import json
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,13 +15,13 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery, TextField, Value
+from django.db.models import (
+    BigIntegerField, Count, Exists, F, Max, OuterRef, Q, QuerySet, Subquery, TextField, Value,
+)
 from django.db.models.functions import Cast, Coalesce, StrIndex
 from django.db.models.lookups import GreaterThan
 from django.http import Http404
 from django.utils import timezone
-
-from webapp import prepared
 
 from .models import (
     Assignment,
@@ -50,17 +51,39 @@ class SafetyLabels:
 
 # --- batches ------------------------------------------------------------------------------------
 
-def batch_label(year: int, week: int) -> str:
-    return f"{year}-W{week:02d}"
+def batch_label(year: int, week: int, part: int = 1) -> str:
+    """"2026-W49" for a week's first batch; "2026-W49.2" for the one opened after it was frozen, ..."""
+    return f"{year}-W{week:02d}" + (f".{part}" if part > 1 else "")
+
+
+def _iso_week(when: datetime | None = None) -> tuple[int, int]:
+    year, week, _ = timezone.localtime(when or timezone.now()).isocalendar()
+    return year, week
 
 
 def batch_open_for(*, when: datetime | None = None) -> Batch:
-    """The weekly batch of `when`'s ISO week, created open if it does not exist yet."""
-    year, week, _ = timezone.localtime(when or timezone.now()).isocalendar()
-    batch, _ = Batch.objects.get_or_create(
-        kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week, defaults={"label": batch_label(year, week)}
-    )
-    return batch
+    """The open weekly batch of `when`'s ISO week, opened if the week has none (yet, or any more).
+
+    A week's judgments land in its open batch. The first is part 1, "2026-W49"; once that is frozen,
+    the week's next judgment opens part 2, "2026-W49.2", and so on. At most one batch of a week is
+    open (a constraint), so this is the only place a weekly batch is opened.
+    """
+    return _week_open_batch(*_iso_week(when))[0]
+
+
+def _week_open_batch(year: int, week: int) -> tuple[Batch, bool]:
+    """batch_open_for, and whether this call opened the batch."""
+    weekly = Batch.objects.filter(kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week)
+    batch = weekly.filter(status=Batch.Status.OPEN).first()
+    if batch is not None:
+        return batch, False
+    part = (weekly.aggregate(last=Max("part"))["last"] or 0) + 1
+    try:
+        with transaction.atomic():
+            return Batch.objects.create(kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week, part=part,
+                                        label=batch_label(year, week, part)), True
+    except IntegrityError:  # a concurrent transaction opened it first
+        return weekly.get(status=Batch.Status.OPEN), False
 
 
 def test_slice_size(n_comparisons: int, *, size: int | None = None) -> int:
@@ -80,25 +103,70 @@ def _held_out_order(batch: Batch, comparison_id: int) -> str:
 
 @transaction.atomic
 def batch_freeze(*, batch: Batch, test_size: int | None = None) -> Batch:
-    """Freeze a batch: choose its held-out slice, hash its content, refuse every later change."""
+    """Freeze a batch: choose its held-out slice, hash its content, refuse every later change.
+
+    Freezing loses no work (docs/annotation.md):
+
+    - Judgments in flight finish first. The batch row is locked FOR UPDATE before anything is read,
+      and a submission locks the batch it lands in FOR SHARE before it locks or writes anything else
+      (judgment_submit_once): one that got there first commits and is hashed with the batch; one
+      that comes later waits for the freeze, then lands in the week's open batch ("2026-W49.2").
+    - What the batch still owes is carried over. A comparison with fewer judgments than its overlap,
+      or with a lease open on it, gets a carry-over: a comparison of the same prompt and responses,
+      `carried_from` it, owing the rest. Open leases move to it, so an annotator with the comparison
+      on screen submits as usual and the judgment lands with the carry-over, in an open batch. The
+      queue hands out carry-overs, never a comparison of a frozen batch (a trigger refuses that lease).
+
+    The held-out slice: carry-overs of pairs held out before, then comparisons drawn up to the slice
+    size; a carry-over of a pair trained on is never held out. The frozen batch never changes again
+    (triggers), so its hash stays its content's hash.
+    A label names one batch: "2026-W49" is the week's first part, frozen or not; the week's open
+    part is batch_open_for's, and the Monday beat freezes whichever part of last week is open.
+    """
     batch = Batch.objects.select_for_update().get(pk=batch.pk)
     if batch.is_frozen:
-        raise ValidationError(f"Batch {batch.label} is already frozen.")
-    comparison_ids = list(Comparison.objects.filter(batch=batch).values_list("id", flat=True))
-    n_test = test_slice_size(len(comparison_ids), size=test_size)
-    held_out = sorted(comparison_ids, key=lambda cid: _held_out_order(batch, cid))[:n_test]
+        raise ValidationError(_already_frozen(batch))
+    # The comparisons are locked too: a lease being taken on one of them right now either commits first
+    # (and is carried over below) or waits, then finds the comparison frozen and takes another.
+    comparisons = list(Comparison.objects.select_for_update(of=("self",)).filter(batch=batch)
+                       .select_related("carried_from").order_by("id"))
+    judged = dict(Judgment.objects.filter(comparison__batch=batch).order_by().values_list("comparison")
+                  .annotate(n=Count("id")))
+    leased = Counter(Assignment.objects.filter(comparison__batch=batch, status=Assignment.Status.LEASED)
+                     .values_list("comparison_id", flat=True))
+    Comparison.objects.bulk_create([
+        Comparison(prompt_id=c.prompt_id, response_a_id=c.response_a_id, response_b_id=c.response_b_id,
+                   origin=c.origin, overlap=max(c.overlap - judged.get(c.id, 0), leased[c.id]), carried_from=c)
+        for c in comparisons if judged.get(c.id, 0) < c.overlap or leased[c.id]
+    ])
+    Assignment.objects.filter(comparison__batch=batch, status=Assignment.Status.LEASED).update(
+        comparison=Subquery(Comparison.objects.filter(carried_from=OuterRef("comparison")).values("id"))
+    )
+    # A carry-over repeats the pair of an earlier batch: it takes that pair's side of the split, so no pair
+    # is held out in one batch and trained on in another. The others are drawn as usual.
+    carried = [c for c in comparisons if c.carried_from_id is not None]
+    held_out = [c.id for c in carried if c.carried_from.is_test]
+    drawn = sorted((c.id for c in comparisons if c.carried_from_id is None), key=lambda cid: _held_out_order(batch, cid))
+    held_out += drawn[:max(test_slice_size(len(comparisons), size=test_size) - len(held_out), 0)]
+    n_test = len(held_out)
     Comparison.objects.filter(batch=batch).update(is_test=False)
     Comparison.objects.filter(id__in=held_out).update(is_test=True)
-    # Judgments that can no longer land: their leases end with the batch.
-    Assignment.objects.filter(comparison__batch=batch, status=Assignment.Status.LEASED).update(
-        status=Assignment.Status.CANCELLED
-    )
     batch.content_hash = selectors.batch_content_hash(batch=batch)
     batch.test_size = n_test
     batch.status = Batch.Status.FROZEN
     batch.frozen_at = timezone.now()
     batch.save(update_fields=["content_hash", "test_size", "status", "frozen_at"])
     return batch
+
+
+def _already_frozen(batch: Batch) -> str:
+    message = f"Batch {batch.label} is already frozen."
+    if batch.kind == Batch.Kind.WEEKLY:
+        week_open = Batch.objects.filter(kind=Batch.Kind.WEEKLY, iso_year=batch.iso_year, iso_week=batch.iso_week,
+                                         status=Batch.Status.OPEN).first()
+        if week_open is not None:
+            message += f" Its week goes on in {week_open.label}."
+    return message
 
 
 def batch_freeze_previous_week(*, now: datetime | None = None) -> Batch | None:
@@ -215,6 +283,13 @@ def _taken_slots(cutoff: datetime) -> Q:
     return Q(status=Assignment.Status.SUBMITTED) | Q(status=Assignment.Status.LEASED, leased_at__gte=cutoff)
 
 
+def _pair_given_to(annotator: AbstractBaseUser) -> Exists:
+    """Whether the annotator was already given the outer comparison's pair of responses, in it or in
+    the comparison it carries over (or its carry-over): a person judges a pair once (a trigger too)."""
+    return Exists(Assignment.objects.filter(annotator=annotator, comparison__response_a=OuterRef("response_a"),
+                                            comparison__response_b=OuterRef("response_b")))
+
+
 class _ComparisonFull(Exception):
     """Raised inside a lease attempt's savepoint to roll it back (and release the row lock)."""
 
@@ -247,7 +322,7 @@ def assignment_lease_next(*, annotator: AbstractBaseUser, now: datetime | None =
     )
     candidates = (
         Comparison.objects.filter(Q(batch__isnull=True) | Q(batch__status=Batch.Status.OPEN))
-        .exclude(assignments__annotator=annotator)
+        .exclude(_pair_given_to(annotator))
         .annotate(taken=Coalesce(Subquery(taken), 0))
         .filter(taken__lt=F("overlap"))
         .order_by("id")
@@ -336,136 +411,144 @@ def _validate_judgment(
         raise ValidationError(errors)
 
 
-@dataclass(frozen=True)
-class _LockedAssignment:
-    """An assignment row locked for a submission, with all a submission reads, from one statement."""
-    id: int
-    status: str
-    comparison: Comparison  # id, batch_id and is_test loaded; batch cached when it has one
-    open_batch: Batch | None  # this week's batch, which a comparison without one joins (None: not created yet)
-    keyed_assignment_id: int | None  # the assignment whose judgment already carries the caller's key
+def _locked_for_share(batches: QuerySet[Batch]) -> Batch | None:
+    """The batch `batches` selects, its row locked FOR SHARE until the transaction ends (PostgreSQL;
+    SQLite locks the whole database for a writer anyway).
 
-
-def _lock_for_submission(*, assignment_id: int, annotator: AbstractBaseUser, idempotency_key: str) -> _LockedAssignment:
-    """Lock the caller's assignment and its comparison, and read what judging it needs, in one statement.
-
-    It runs on every submission, so it is written by hand: through the ORM the same reads were five
-    statements (the assignment, the judgment already made, the comparison, its batch, this week's
-    batch) and a millisecond of query compilation. A statement that waited for the locks sees the two
-    locked rows as the concurrent transaction committed them (a replay finds the status "submitted"),
-    but its joins and subquery still read the older snapshot: hence replays are recognised by the
-    status, and a batch the comparison was given meanwhile is read again (see below). PostgreSQL
-    plans it once per connection (webapp.prepared), as the writes that follow.
+    The ORM's select_for_update takes exclusive locks only, which would make each submission into a
+    batch wait for the one before it. Shared locks let them run side by side, and still make
+    batch_freeze's FOR UPDATE wait for every one in flight, and each later one wait for the freeze.
+    A locking read returns the row as last committed, also when it had to wait for it.
     """
-    year, week, _ = timezone.localtime().isocalendar()
-    lock = " FOR UPDATE OF a, c" if connection.features.has_select_for_update_of else ""
-    with connection.cursor() as cursor:
-        prepared.execute(
-            cursor, "tandem_submission_lock",
-            "SELECT a.status, c.id, c.batch_id, c.is_test, b.label, b.status, w.id, w.label, w.status, "
-            "(SELECT j.assignment_id FROM annotation_judgment j WHERE j.annotator_id = %s "
-            "AND j.idempotency_key = %s AND j.idempotency_key <> '') "
-            "FROM annotation_assignment a JOIN annotation_comparison c ON c.id = a.comparison_id "
-            "LEFT JOIN annotation_batch b ON b.id = c.batch_id "
-            "LEFT JOIN annotation_batch w ON w.kind = %s AND w.iso_year = %s AND w.iso_week = %s "
-            "WHERE a.id = %s AND a.annotator_id = %s" + lock,
-            [annotator.pk, idempotency_key, Batch.Kind.WEEKLY, year, week, assignment_id, annotator.pk],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        raise Http404("No such assignment.")
-    status, comparison_id, batch_id, is_test, label, batch_status, open_id, open_label, open_status, keyed = row
-    comparison = Comparison.from_db(connection.alias, ["id", "batch_id", "is_test"],
-                                    [comparison_id, batch_id, bool(is_test)])  # SQLite returns 0 / 1
-    if batch_id is not None:
-        comparison.batch = (  # a batch set by the transaction this one waited for is not in the snapshot
-            Batch.from_db(connection.alias, ["id", "label", "status"], [batch_id, label, batch_status])
-            if label is not None else Batch.objects.get(pk=batch_id)
-        )
-    open_batch = (Batch.from_db(connection.alias, ["id", "label", "status"], [open_id, open_label, open_status])
-                  if open_id is not None else None)
-    return _LockedAssignment(id=assignment_id, status=status, comparison=comparison, open_batch=open_batch,
-                             keyed_assignment_id=keyed)
+    sql, params = batches.order_by().query.sql_with_params()
+    if connection.vendor == "postgresql":
+        sql += " FOR SHARE"
+    return next(iter(Batch.objects.raw(sql, params)), None)
+
+
+def _expected_batch_locked(*, assignment_id: int, annotator: AbstractBaseUser, year: int, week: int) -> Batch | None:
+    """Lock the batch a judgment of this assignment is expected to land in: its comparison's batch, else
+    the week's open batch (None: the week has none open yet). It runs before the assignment and its
+    comparison are locked, so submissions and batch_freeze take their locks in the same order (batch,
+    then comparison and assignment) and never wait for each other in a circle."""
+    own = Assignment.objects.filter(pk=assignment_id, annotator=annotator).values("comparison__batch")
+    week_open = Batch.objects.filter(kind=Batch.Kind.WEEKLY, iso_year=year, iso_week=week,
+                                     status=Batch.Status.OPEN).values("pk")
+    return _locked_for_share(Batch.objects.filter(
+        pk=Coalesce(Subquery(own), Subquery(week_open), output_field=BigIntegerField())))
+
+
+def _assignment_locked(*, assignment_id: int, annotator: AbstractBaseUser, idempotency_key: str) -> Assignment:
+    """The caller's assignment with its comparison, both locked FOR UPDATE, and `keyed_to`: the assignment
+    whose judgment already carries the caller's Idempotency-Key (None: not used yet)."""
+    keyed_to = (Subquery(Judgment.objects.filter(annotator=annotator, idempotency_key=idempotency_key)
+                         .order_by().values("assignment_id")[:1])
+                if idempotency_key else Value(None, output_field=BigIntegerField()))
+    locked = (Assignment.objects.select_for_update(of=("self", "comparison")).select_related("comparison")
+              .annotate(keyed_to=keyed_to).filter(pk=assignment_id, annotator=annotator))
+    # Twice: a lease that a freeze carried over while this read waited for its lock no longer joins the
+    # comparison the read found, and drops out of it; a second read finds it on its carry-over.
+    for _ in range(2):
+        if found := list(locked.all()):
+            return found[0]
+    raise Http404("No such assignment.")
+
+
+def _lands_in(batch: Batch | None, comparison: Comparison, *, year: int, week: int) -> bool:
+    if batch is None or batch.is_frozen:
+        return False
+    if comparison.batch_id is not None:
+        return comparison.batch_id == batch.pk
+    return batch.kind == Batch.Kind.WEEKLY and (batch.iso_year, batch.iso_week) == (year, week)
+
+
+def _landing_batch_locked(comparison: Comparison, *, year: int, week: int) -> Batch:
+    """Where a judgment of the (locked) comparison lands, locked FOR SHARE, when the expected batch was
+    not it: the week has no open batch yet (its first judgment, or the first after a freeze), a freeze
+    carried the lease over, or another annotator's first judgment gave the comparison its batch."""
+    for _ in range(3):
+        if comparison.batch_id is not None:
+            batch = _locked_for_share(Batch.objects.filter(pk=comparison.batch_id))
+            if batch.is_frozen:  # unreachable: batch_freeze carries every lease over, a trigger refuses the rest
+                raise ValidationError(f"Batch {batch.label} is frozen; judgments can no longer be added.")
+            return batch
+        batch, opened = _week_open_batch(year, week)
+        if opened:  # no one else sees it before this transaction commits: nothing to lock it against
+            return batch
+        batch = _locked_for_share(Batch.objects.filter(pk=batch.pk))
+        if not batch.is_frozen:
+            return batch
+        # frozen between batch_open_for's read and the lock: the next call opens the week's next batch
+    raise ValidationError("The week's batch changed while this judgment was saved; nothing was saved. Submit again.")
 
 
 @transaction.atomic
+def judgment_submit_once(
+    *, assignment_id: int, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
+    harm_categories: Sequence[str] = (), note: str = "", seconds_spent: float | None = None,
+    idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
+) -> tuple[Judgment, bool]:
+    """Record one judgment on a leased assignment, and say whether this call made it (True) or replayed
+    it (False: the assignment was already judged, and its judgment comes back). An Idempotency-Key the
+    annotator already used on another assignment is refused.
+
+    The judgment lands in its comparison's batch or, for the comparison's first judgment, in the open
+    batch of this ISO week (batch_open_for), and never in a frozen one: the batch is locked FOR SHARE
+    before the assignment and its comparison are locked FOR UPDATE, so a batch_freeze (FOR UPDATE on
+    the batch first) either waits for this judgment and hashes it with the batch, or has committed
+    already, having carried this lease over to a comparison that lands in the week's open batch.
+
+    Statements: the batch's lock; the assignment's and comparison's lock (with the key's earlier use);
+    on a comparison's first judgment its batch; the judgment; the assignment's status. A replay reads
+    its judgment instead. (test_submission_statements_are_pinned counts them.)
+    """
+    now = timezone.now()
+    year, week = _iso_week(now)
+    batch = _expected_batch_locked(assignment_id=assignment_id, annotator=annotator, year=year, week=week)
+    assignment = _assignment_locked(assignment_id=assignment_id, annotator=annotator, idempotency_key=idempotency_key)
+    if assignment.keyed_to not in (None, assignment.pk):
+        raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
+    if assignment.status == Assignment.Status.SUBMITTED:  # only a submission sets it, with the judgment
+        return Judgment.objects.select_related("comparison__batch").get(assignment=assignment), False
+    harm_categories = list(dict.fromkeys(harm_categories))
+    _validate_judgment(chosen=chosen, strength=strength, safety=safety, harm_categories=harm_categories,
+                       note=note, seconds_spent=seconds_spent)
+    if assignment.status != Assignment.Status.LEASED:
+        raise ValidationError(
+            f"This comparison can no longer be judged: its lease is {assignment.get_status_display().lower()}."
+        )
+    comparison = assignment.comparison
+    if not _lands_in(batch, comparison, year=year, week=week):
+        batch = _landing_batch_locked(comparison, year=year, week=week)
+    first_judgment = comparison.batch_id is None
+    comparison.batch = batch
+    if first_judgment:  # the comparison joins the batch
+        comparison.save(update_fields=["batch"])
+    judgment = Judgment.objects.create(
+        comparison=comparison, assignment=assignment, annotator=annotator, source=source, chosen=chosen,
+        strength=strength, a_safe=safety.a_safe, b_safe=safety.b_safe,
+        safety_bin=safety_bin_for(chosen, safety.a_safe, safety.b_safe), harm_categories=harm_categories,
+        note=note.strip(), seconds_spent=seconds_spent, idempotency_key=idempotency_key,
+    )
+    assignment.status = Assignment.Status.SUBMITTED
+    assignment.submitted_at = now
+    assignment.save(update_fields=["status", "submitted_at"])
+    return judgment, True
+
+
 def judgment_submit(
     *, assignment: Assignment, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
     harm_categories: Sequence[str] = (), note: str = "", seconds_spent: float | None = None,
     idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
 ) -> Judgment:
-    """Record one judgment on a leased assignment. A replay returns the judgment already made."""
-    locked = _lock_for_submission(assignment_id=assignment.pk, annotator=annotator, idempotency_key=idempotency_key)
-    if locked.status == Assignment.Status.SUBMITTED or locked.keyed_assignment_id is not None:
-        existing = Judgment.objects.filter(
-            Q(assignment_id=locked.id) | (Q(annotator=annotator, idempotency_key=idempotency_key)
-                                          & ~Q(idempotency_key=""))
-        ).first()
-        if existing:
-            return existing
-    return _judgment_record(locked, annotator=annotator, chosen=chosen, strength=strength, safety=safety,
-                            harm_categories=harm_categories, note=note, seconds_spent=seconds_spent,
-                            idempotency_key=idempotency_key, source=source)
-
-
-def _judgment_record(
-    locked: _LockedAssignment, *, annotator: AbstractBaseUser, chosen: str, strength: int, safety: SafetyLabels,
-    harm_categories: Sequence[str] = (), note: str = "", seconds_spent: float | None = None,
-    idempotency_key: str = "", source: str = Judgment.Source.HUMAN,
-) -> Judgment:
-    """The writes of a submission, inside the caller's transaction, on an assignment it has locked:
-    the comparison joins this week's batch if it has none, the judgment, the assignment's status."""
-    harm_categories = list(dict.fromkeys(harm_categories))
-    _validate_judgment(chosen=chosen, strength=strength, safety=safety, harm_categories=harm_categories,
-                       note=note, seconds_spent=seconds_spent)
-    if locked.status != Assignment.Status.LEASED:
-        raise ValidationError(
-            f"This comparison can no longer be judged: its lease is {Assignment.Status(locked.status).label.lower()}."
-        )
-    comparison = locked.comparison
-    if comparison.batch_id is None:
-        batch = locked.open_batch or batch_open_for()  # created by the week's first judgment
-        if batch.is_frozen:
-            raise ValidationError(f"Batch {batch.label} is frozen; judgments can no longer be added.")
-        with connection.cursor() as cursor:  # by hand, as the lock: an ORM update costs ~0.3 ms to compile
-            prepared.execute(cursor, "tandem_comparison_join_batch",
-                             "UPDATE annotation_comparison SET batch_id = %s WHERE id = %s", [batch.pk, comparison.pk])
-        comparison.batch = batch
-    elif comparison.batch.is_frozen:
-        raise ValidationError(f"Batch {comparison.batch.label} is frozen; judgments can no longer be added.")
-    judgment = Judgment(
-        comparison=comparison, assignment_id=locked.id, annotator=annotator, source=source, chosen=chosen,
-        strength=strength, a_safe=safety.a_safe, b_safe=safety.b_safe,
-        safety_bin=safety_bin_for(chosen, safety.a_safe, safety.b_safe), harm_categories=harm_categories,
-        note=note.strip(), seconds_spent=seconds_spent, idempotency_key=idempotency_key,
+    """Record one judgment on a leased assignment (judgment_submit_once, which is atomic); a replay
+    returns the judgment already made."""
+    judgment, _ = judgment_submit_once(
+        assignment_id=assignment.pk, annotator=annotator, chosen=chosen, strength=strength, safety=safety,
+        harm_categories=harm_categories, note=note, seconds_spent=seconds_spent, idempotency_key=idempotency_key,
+        source=source,
     )
-    _judgment_insert(judgment)
-    submitted_at = Assignment._meta.get_field("submitted_at").get_db_prep_value(timezone.now(), connection)
-    with connection.cursor() as cursor:
-        prepared.execute(cursor, "tandem_assignment_submitted",
-                         "UPDATE annotation_assignment SET status = %s, submitted_at = %s WHERE id = %s",
-                         [Assignment.Status.SUBMITTED.value, submitted_at, locked.id])
     return judgment
-
-
-def _judgment_insert(judgment: Judgment) -> None:
-    """judgment.save() for a new row, as one hand-written INSERT ... RETURNING (prepared on PostgreSQL):
-    the ORM compiled the same statement again on every submission. Values go through each field's
-    pre_save (created_at) and get_db_prep_save, as the ORM's insert does."""
-    fields = _JUDGMENT_INSERT_FIELDS
-    values = [field.get_db_prep_save(field.pre_save(judgment, True), connection) for field in fields]
-    with connection.cursor() as cursor:
-        prepared.execute(cursor, "tandem_judgment_insert", _JUDGMENT_INSERT_SQL, values)
-        judgment.pk = cursor.fetchone()[0]
-    judgment._state.adding = False
-    judgment._state.db = connection.alias
-
-
-_JUDGMENT_INSERT_FIELDS = [f for f in Judgment._meta.concrete_fields if not f.primary_key]
-_JUDGMENT_INSERT_SQL = (
-    f"INSERT INTO {Judgment._meta.db_table} ({', '.join(f.column for f in _JUDGMENT_INSERT_FIELDS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_JUDGMENT_INSERT_FIELDS))}) RETURNING {Judgment._meta.pk.column}"
-)
 
 
 # --- API: pushed comparisons and idempotent submission (annotation/api.py) ----------------------
@@ -529,24 +612,6 @@ def comparison_push(
     ]
     return comparison_create(prompt=prompt, response_a=responses[0], response_b=responses[1],
                              origin=Comparison.Origin.API, overlap=overlap)
-
-
-@transaction.atomic
-def judgment_submit_once(
-    *, assignment_id: int, annotator: AbstractBaseUser, idempotency_key: str, **fields
-) -> tuple[Judgment, bool]:
-    """judgment_submit that also says whether this call made the judgment (True) or replayed it.
-
-    The assignment row is locked first, so two concurrent replays of one submission serialize and
-    the second sees the first's judgment. A key already used on another assignment is an error.
-    """
-    locked = _lock_for_submission(assignment_id=assignment_id, annotator=annotator, idempotency_key=idempotency_key)
-    if locked.keyed_assignment_id is not None and locked.keyed_assignment_id != assignment_id:
-        raise ValidationError({"idempotency_key": "This Idempotency-Key was already used for another assignment."})
-    if locked.status == Assignment.Status.SUBMITTED:  # only a submission sets it, with the judgment
-        return Judgment.objects.select_related("comparison__batch").get(assignment_id=assignment_id), False
-    judgment = _judgment_record(locked, annotator=annotator, idempotency_key=idempotency_key, **fields)
-    return judgment, True
 
 
 @transaction.atomic

@@ -1,8 +1,9 @@
-"""Server-side prepared statements, on PostgreSQL, for the few statements every API request runs.
+"""Server-side prepared statements, on PostgreSQL, for the one statement every API request runs: the
+token lookup (webapp.auth). The judgment submission went back to the ORM (annotation.services).
 
 psycopg2 sends each statement as text, so PostgreSQL parses and plans it again on every request:
-for the judgment submission's locking read that was 0.3 ms of the database's CPU per request, twice
-what running it costs (docs/benchmarks.md, "Judgment submission"). A statement run through
+for the submission's locking read that was 0.3 ms of the database's CPU per request, twice what
+running it costs (docs/benchmarks.md, "Judgment submission"). A statement run through
 `execute` is prepared once per database connection under its name, then run with EXECUTE. PREPARE
 is not transactional (the statement survives the rollback of the transaction it was made in), so a
 name is remembered per raw connection and forgotten with it. Other databases run the SQL as it is.

@@ -87,7 +87,8 @@ class ComparisonViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiVie
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
     description="A client-chosen key (at most 100 characters); a retry with the same key returns the "
-                "judgment already made (200) instead of 201.",
+                "judgment already made (200) instead of 201. A key you already used on another assignment "
+                "is refused (400).",
 )
 
 

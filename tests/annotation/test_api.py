@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from annotation import services
+from annotation import selectors, services
 from annotation.exports import annotator_pseudonym
 from annotation.models import Assignment, Batch, Comparison, Judgment, Prompt, Response
 from annotation.services import SafetyLabels
@@ -74,10 +74,11 @@ class TestAssignmentsAndJudging:
 
     def test_submission_statements_are_pinned(self, client_for, annotator, other_annotator, make_comparison,
                                               make_user, django_assert_num_queries):
-        """The hot path: the token; the transaction's begin; one statement that locks the assignment and its
-        comparison and reads the replay state and both batches; the comparison's batch; the insert; the
-        assignment's status; the end. A judgment on a comparison that already has its batch skips one.
-        (On PostgreSQL each is prepared on a connection's first use: a warm-up submission does that.)"""
+        """The hot path: the token; the transaction's begin; the lock (FOR SHARE) of the batch the judgment
+        lands in; the lock of the assignment and its comparison, with the key's earlier use; the comparison's
+        batch; the insert; the assignment's status; the end. A judgment on a comparison that already has its
+        batch skips one; a replay reads its judgment after the two locks. (The token lookup is a prepared
+        statement on PostgreSQL: a warm-up request prepares it.)"""
         services.batch_open_for()  # the week's first judgment also creates the week's batch
         make_comparison()
         warm = client_for(make_user("warm-up"))
@@ -86,13 +87,13 @@ class TestAssignmentsAndJudging:
         make_comparison(overlap=2)
         first, second = client_for(annotator), client_for(other_annotator)
         ids = [c.post("/api/v1/assignments/next").json()["id"] for c in (first, second)]  # tokens' first use
-        with django_assert_num_queries(7):
+        with django_assert_num_queries(8):
             assert first.post(f"/api/v1/assignments/{ids[0]}/judgment", SUBMIT, format="json",
                               HTTP_IDEMPOTENCY_KEY="k").status_code == 201
-        with django_assert_num_queries(5):  # the replay: token, begin, lock, the judgment, end
+        with django_assert_num_queries(6):  # the replay: token, begin, two locks, the judgment, end
             assert first.post(f"/api/v1/assignments/{ids[0]}/judgment", SUBMIT, format="json",
                               HTTP_IDEMPOTENCY_KEY="k").status_code == 200
-        with django_assert_num_queries(6):
+        with django_assert_num_queries(7):
             response = second.post(f"/api/v1/assignments/{ids[1]}/judgment", SUBMIT, format="json")
         assert response.status_code == 201 and response.json()["batch"] == Batch.objects.get().label
         assert Judgment.objects.filter(comparison__batch__isnull=False).count() == 3
@@ -108,6 +109,34 @@ class TestAssignmentsAndJudging:
         assert response.status_code == 400
         assert "Idempotency-Key" in response.content.decode() or "idempotency_key" in response.json()
         assert Judgment.objects.count() == 1
+
+    def test_a_batch_frozen_mid_week_loses_no_submission(self, client_for, annotator, other_annotator, admin_user,
+                                                          make_comparison):
+        """Both a lease open across the freeze and a comparison the week's batch never had are saved, into
+        the week's next batch (today both are refused: "Batch ... is frozen")."""
+        comparison = make_comparison(overlap=2)
+        make_comparison()
+        done = client_for(annotator).post("/api/v1/assignments/next").json()["id"]
+        client_for(annotator).post(f"/api/v1/assignments/{done}/judgment", SUBMIT, format="json")
+        client = client_for(other_annotator)
+        open_lease = client.post("/api/v1/assignments/next").json()
+        assert open_lease["comparison"]["id"] == comparison.id
+        label = Batch.objects.get().label
+        frozen = client_for(admin_user).post(f"/api/v1/batches/{label}/freeze", {}, format="json")
+        assert frozen.status_code == 200 and frozen.json()["n_judgments"] == 1
+        saved = client.post(f"/api/v1/assignments/{open_lease['id']}/judgment", SUBMIT, format="json",
+                            HTTP_IDEMPOTENCY_KEY="after")
+        assert saved.status_code == 201, saved.content
+        assert saved.json()["batch"] == f"{label}.2" and saved.json()["assignment"] == open_lease["id"]
+        assert Comparison.objects.get(pk=saved.json()["comparison"]).carried_from == comparison
+        replay = client.post(f"/api/v1/assignments/{open_lease['id']}/judgment", SUBMIT, format="json",
+                             HTTP_IDEMPOTENCY_KEY="after")
+        assert replay.status_code == 200 and replay.json()["id"] == saved.json()["id"]
+        fresh = client_for(annotator).post("/api/v1/assignments/next").json()["id"]
+        saved = client_for(annotator).post(f"/api/v1/assignments/{fresh}/judgment", SUBMIT, format="json")
+        assert saved.status_code == 201 and saved.json()["batch"] == f"{label}.2"
+        batch = Batch.objects.get(label=label)
+        assert selectors.batch_content_hash(batch=batch) == batch.content_hash
 
     def test_fields_the_caller_may_not_set_are_ignored(self, client_for, annotator, other_annotator, make_comparison):
         make_comparison()

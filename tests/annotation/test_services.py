@@ -1,4 +1,5 @@
 import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -172,10 +173,19 @@ class TestJudging:
         assert first == again and Judgment.objects.count() == 1 and again.chosen == "A"
 
     def test_idempotency_key_across_assignments(self, make_comparison, annotator):
+        """The same key replays on its own assignment, and is refused on another one (it would otherwise
+        return the first assignment's judgment for the second, which would stay unjudged)."""
         make_comparison(), make_comparison()
         a = services.assignment_lease_next(annotator=annotator)
         first = submit(a, annotator, idempotency_key="k1")
         assert submit(a, annotator, idempotency_key="k1") == first
+        b = services.assignment_lease_next(annotator=annotator)
+        assert b.comparison_id != a.comparison_id
+        with pytest.raises(ValidationError, match="already used for another assignment"):
+            submit(b, annotator, idempotency_key="k1")
+        b.refresh_from_db()
+        assert b.status == Assignment.Status.LEASED and Judgment.objects.count() == 1
+        assert submit(b, annotator, idempotency_key="k2").assignment_id == b.pk
 
     @pytest.mark.parametrize("bad", [dict(strength=4), dict(strength=-1), dict(strength="2"), dict(chosen="C"),
                                      dict(safety=SafetyLabels(a_safe=None, b_safe=True)),
@@ -245,16 +255,247 @@ class TestFreeze:
                 change()
         assert selectors.batch_content_hash(batch=batch) == batch.content_hash
 
-    def test_submitting_into_frozen_batch_is_refused(self, make_comparison, annotator, other_annotator):
+    def test_submitting_into_frozen_batch_is_refused_by_the_database(self, make_comparison, annotator):
+        """The services never try it (see TestFreezeLosesNoWork); the triggers refuse it all the same."""
         comparison = make_comparison(overlap=2)
-        submit(services.assignment_lease_next(annotator=annotator), annotator)
-        late = services.assignment_lease_next(annotator=other_annotator)
-        services.batch_freeze(batch=Batch.objects.get())
-        with pytest.raises(ValidationError):
-            submit(late, other_annotator)
+        first = services.assignment_lease_next(annotator=annotator)
+        submit(first, annotator)
+        batch = services.batch_freeze(batch=Batch.objects.get())
+        with pytest.raises(IntegrityError, match="frozen"), transaction.atomic():
+            Judgment.objects.create(comparison=comparison, source=Judgment.Source.IMPORTED, chosen="A")
         assert comparison.judgments.count() == 1
+        assert selectors.batch_content_hash(batch=batch) == batch.content_hash
 
     def test_freezing_twice_is_refused(self, make_comparison, annotator):
         batch = services.batch_freeze(batch=self._judged(make_comparison, [annotator], 2))
         with pytest.raises(ValidationError, match="already frozen"):
             services.batch_freeze(batch=batch)
+
+
+def this_week(part: int = 1) -> str:
+    year, week, _ = timezone.localtime().isocalendar()
+    return services.batch_label(year, week, part)
+
+
+def assert_hash_holds(batch: Batch) -> None:
+    batch.refresh_from_db()
+    assert batch.is_frozen and selectors.batch_content_hash(batch=batch) == batch.content_hash
+
+
+@pytest.mark.django_db
+class TestFreezeLosesNoWork:
+    """Freezing the batch of the current week mid-week, with work open on it (docs/annotation.md)."""
+
+    def test_the_week_goes_on_in_its_next_batch(self, make_comparison, annotator):
+        make_comparison()
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        first = services.batch_freeze(batch=services.batch_open_for())
+        assert first.label == this_week() and first.part == 1
+        make_comparison()
+        j = submit(services.assignment_lease_next(annotator=annotator), annotator)  # today: "Batch ... is frozen"
+        second = j.comparison.batch
+        assert (second.label, second.part, second.status) == (this_week(2), 2, Batch.Status.OPEN)
+        assert services.batch_open_for() == second
+        assert_hash_holds(first)
+        assert services.batch_freeze(batch=second).is_frozen
+        make_comparison()
+        assert submit(services.assignment_lease_next(annotator=annotator), annotator).comparison.batch.label == this_week(3)
+
+    def test_a_lease_open_across_the_freeze_is_saved_in_an_open_batch(self, make_comparison, annotator,
+                                                                       other_annotator):
+        comparison = make_comparison(overlap=2, text="Kept?")
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        late = services.assignment_lease_next(annotator=other_annotator)  # on screen while the batch freezes
+        frozen = services.batch_freeze(batch=Batch.objects.get())
+        late.refresh_from_db()
+        carry = late.comparison
+        assert late.status == Assignment.Status.LEASED  # today: cancelled, and the work is lost
+        assert carry.carried_from == comparison and carry.batch is None and carry.overlap == 1
+        assert (carry.prompt_id, carry.response_a_id, carry.response_b_id) == (
+            comparison.prompt_id, comparison.response_a_id, comparison.response_b_id)
+        assert services.assignment_lease_next(annotator=other_annotator) == late  # the same lease, the same page
+        j = submit(late, other_annotator, chosen="B")
+        assert j.comparison == carry and j.assignment == late and j.comparison.batch.label == this_week(2)
+        assert comparison.judgments.count() == 1
+        assert_hash_holds(frozen)
+
+    def test_the_remaining_overlap_is_carried_over_and_offered_to_others_only(self, make_comparison, make_user,
+                                                                              annotator):
+        comparison = make_comparison(overlap=3)
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        done = make_comparison()
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        services.batch_freeze(batch=Batch.objects.get())
+        carry = Comparison.objects.get(carried_from__isnull=False)
+        assert carry.carried_from == comparison and carry.overlap == 2  # `done` owes nothing: not carried
+        assert not Comparison.objects.filter(carried_from=done).exists()
+        assert services.assignment_lease_next(annotator=annotator) is None  # it judged this pair already
+        for name in ("second", "third"):
+            user = make_user(name)
+            lease = services.assignment_lease_next(annotator=user)
+            assert lease.comparison == carry
+            assert submit(lease, user).comparison.batch.label == this_week(2)
+        assert services.assignment_lease_next(annotator=make_user("fourth")) is None
+        assert Judgment.objects.filter(comparison__in=[comparison, carry]).count() == 3
+
+    def test_a_carry_over_is_carried_over_again(self, make_comparison, annotator, other_annotator, make_user):
+        original = make_comparison(overlap=3)
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        services.batch_freeze(batch=Batch.objects.get())
+        lease = services.assignment_lease_next(annotator=other_annotator)
+        submit(lease, other_annotator)
+        second = services.batch_freeze(batch=services.batch_open_for())
+        first_carry = Comparison.objects.get(pk=lease.comparison_id)
+        carry = Comparison.objects.get(carried_from=first_carry)
+        assert first_carry.carried_from == original and first_carry.batch == second
+        assert carry.overlap == 1
+        assert services.assignment_lease_next(annotator=other_annotator) is None
+        assert services.assignment_lease_next(annotator=make_user("third")).comparison == carry
+
+    def test_a_carry_over_takes_its_pairs_side_of_the_split(self, make_comparison, annotator, make_user):
+        """No pair is held out in one batch and trained on in another."""
+        make_comparison(overlap=2), make_comparison(overlap=2)
+        for _ in range(2):
+            submit(services.assignment_lease_next(annotator=annotator), annotator)
+        first = services.batch_freeze(batch=Batch.objects.get(), test_size=1)
+        held = Comparison.objects.get(batch=first, is_test=True)
+        other = make_user("other")
+        for _ in range(2):
+            submit(services.assignment_lease_next(annotator=other), other)
+        second = services.batch_freeze(batch=services.batch_open_for(), test_size=0)
+        assert list(second.comparisons.filter(is_test=True).values_list("carried_from", flat=True)) == [held.id]
+        assert second.test_size == 1 and second.comparisons.count() == 2
+
+    def test_the_queue_never_hands_out_a_frozen_comparison(self, make_comparison, annotator, other_annotator,
+                                                           make_user):
+        make_comparison(overlap=3)
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        frozen = services.batch_freeze(batch=Batch.objects.get())
+        lease = services.assignment_lease_next(annotator=other_annotator)
+        assert lease.comparison.batch is None and lease.comparison.carried_from.batch == frozen
+        with pytest.raises(IntegrityError, match="frozen batch"), transaction.atomic():
+            Assignment.objects.create(comparison=lease.comparison.carried_from, annotator=make_user("third"),
+                                      displayed_order="AB", leased_at=timezone.now())
+
+    def test_freezing_a_label_twice_names_the_weeks_open_batch(self, make_comparison, annotator):
+        make_comparison(), make_comparison()
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        first = services.batch_freeze(batch=Batch.objects.get())
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+        with pytest.raises(ValidationError, match=rf"{first.label} is already frozen\. Its week goes on in "
+                                                  rf"{this_week(2)}\."):
+            services.batch_freeze(batch=first)
+
+    def test_the_monday_beat_freezes_whichever_part_of_last_week_is_open(self, make_comparison, annotator):
+        last_week = timezone.now() - timedelta(days=7)
+        first = services.batch_open_for(when=last_week)
+        Comparison.objects.filter(pk=make_comparison().pk).update(batch=first)
+        services.batch_freeze(batch=first)
+        second = services.batch_open_for(when=last_week)
+        assert second.part == 2 and second.label == first.label + ".2"
+        assert services.batch_freeze_previous_week() == second
+        second.refresh_from_db()
+        assert second.is_frozen and services.batch_freeze_previous_week() is None
+
+
+@contextmanager
+def held_open(work, *, release_after: float):
+    """Run `work()` in another thread and connection inside a transaction, and commit it release_after
+    seconds after it is done (the block below runs meanwhile, against its uncommitted writes and locks).
+    Yields a list that holds work's result once it ran."""
+    from django.db import connections
+
+    done, results, errors = threading.Event(), [], []
+
+    def hold():
+        try:
+            with transaction.atomic():
+                results.append(work())
+                done.set()
+                time.sleep(release_after)
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+            done.set()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert done.wait(10)
+    try:
+        yield results
+    finally:
+        thread.join()
+        assert not errors, errors
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_freeze_waits_for_the_judgment_in_flight(make_comparison, annotator, other_annotator):
+    """A comparison's first judgment is written but not committed when the batch is frozen: the freeze waits
+    for it and hashes it (today it hashes without it, the judgment commits into the frozen batch after, and
+    the stored hash no longer matches the content)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks need PostgreSQL (SQLite serializes all writers)")
+    make_comparison()
+    submit(services.assignment_lease_next(annotator=annotator), annotator)  # the week's batch exists
+    batch = Batch.objects.get()
+    make_comparison()
+    lease = services.assignment_lease_next(annotator=other_annotator)
+    with held_open(lambda: submit(lease, other_annotator), release_after=0.5) as judged:
+        started = time.monotonic()
+        frozen = services.batch_freeze(batch=batch)
+        waited = time.monotonic() - started
+    assert_hash_holds(frozen)
+    judgment = Judgment.objects.get(pk=judged[0].pk)
+    assert judgment.comparison.batch == frozen and frozen.comparisons.count() == 2 and waited > 0.3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_judgment_waits_for_the_freeze_in_flight(make_comparison, annotator, other_annotator):
+    """A freeze is running (not committed) when a comparison's first judgment comes: the judgment waits for
+    it and lands in the week's next batch (today it reads the batch as open, commits into it after the
+    freeze, and the stored hash no longer matches the content)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks need PostgreSQL (SQLite serializes all writers)")
+    make_comparison()
+    submit(services.assignment_lease_next(annotator=annotator), annotator)
+    batch = Batch.objects.get()
+    make_comparison()
+    lease = services.assignment_lease_next(annotator=other_annotator)
+    with held_open(lambda: services.batch_freeze(batch=batch), release_after=0.5):
+        started = time.monotonic()
+        judgment = submit(lease, other_annotator)
+        waited = time.monotonic() - started
+    assert_hash_holds(batch)
+    assert batch.comparisons.count() == 1 and waited > 0.3
+    assert judgment.comparison.batch.label == this_week(2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_carried_over_while_its_judgment_is_on_the_way(make_comparison, annotator, other_annotator):
+    """The freeze holds the batch when the judgment of a lease on it arrives: the judgment waits, and lands
+    with the carry-over its lease was moved to, in the week's next batch."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks need PostgreSQL (SQLite serializes all writers)")
+    comparison = make_comparison(overlap=2)
+    submit(services.assignment_lease_next(annotator=annotator), annotator)
+    lease = services.assignment_lease_next(annotator=other_annotator)
+    batch = Batch.objects.get()
+    with held_open(lambda: services.batch_freeze(batch=batch), release_after=0.5):
+        judgment = submit(lease, other_annotator)
+    assert judgment.comparison.carried_from == comparison and judgment.comparison.batch.label == this_week(2)
+    assert_hash_holds(batch)
+
+
+@pytest.mark.django_db
+def test_the_queue_skips_pairs_the_annotator_was_given(make_comparison, annotator):
+    """More carry-overs of pairs this annotator judged than a lease tries: the queue passes over them
+    and hands out the fresh comparison behind them (it would otherwise try each, be refused each time
+    by the database, and answer that nothing is left)."""
+    for _ in range(services.MAX_LEASE_ATTEMPTS + 1):
+        make_comparison(overlap=2)
+        submit(services.assignment_lease_next(annotator=annotator), annotator)
+    services.batch_freeze(batch=Batch.objects.get())
+    assert Comparison.objects.filter(carried_from__isnull=False).count() == services.MAX_LEASE_ATTEMPTS + 1
+    fresh = make_comparison()
+    assert services.assignment_lease_next(annotator=annotator).comparison == fresh

@@ -8,7 +8,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
-from annotation import services
+from annotation import selectors, services
 from annotation.forms import sign_started
 from annotation.markdown import render_markdown
 from annotation.models import Assignment, Batch, Guidelines, Judgment, Prompt
@@ -255,26 +255,33 @@ class TestSubmit:
         assignment.refresh_from_db()
         assert assignment.status == Assignment.Status.LEASED and assignment.comparison.batch is None
 
-    def test_frozen_batch_is_a_clear_refusal(self, client, make_comparison, annotator):
+    def test_a_batch_frozen_while_the_page_is_open_still_saves(self, client, make_comparison, annotator):
         make_comparison()
         assignment = lease(annotator)
         batch = services.batch_freeze(batch=services.batch_open_for())  # this week's batch, frozen early
         response = login(client, annotator).post(assignment_url(assignment), payload())
-        assert response.status_code == 400
-        assert f"Batch {batch.label} is frozen; judgments can no longer be added." in response.content.decode()
-        assert not Judgment.objects.exists()
-        assignment.refresh_from_db()
-        assert assignment.status == Assignment.Status.LEASED and assignment.comparison.batch is None
+        assert response.status_code == 302 and response["Location"] == assignment_url(assignment, "submitted")
+        judgment = Judgment.objects.get()
+        assert judgment.assignment == assignment and judgment.comparison.batch.label == f"{batch.label}.2"
+        assert batch.comparisons.count() == 0
 
-    def test_lease_cancelled_by_freezing_is_a_clear_refusal(self, client, make_comparison, annotator, other_annotator):
-        comparison = make_comparison(overlap=2)
+    def test_a_lease_open_across_a_freeze_still_saves(self, client, make_comparison, annotator, other_annotator):
+        comparison = make_comparison(overlap=2, text="Still there?", a="Yes.", b="No.")
         first = lease(other_annotator)
         services.judgment_submit(assignment=first, annotator=other_annotator, chosen="A", strength=2, safety=SAFE)
-        assignment = lease(annotator)
-        services.batch_freeze(batch=Batch.objects.get())
-        response = login(client, annotator).post(assignment_url(assignment), payload())
-        assert response.status_code == 400 and "its lease is cancelled" in response.content.decode()
+        assignment = lease(annotator, order="BA")
+        login(client, annotator)
+        page = client.get(assignment_url(assignment)).content.decode()
+        batch = services.batch_freeze(batch=Batch.objects.get())
+        response = client.post(assignment_url(assignment), payload(side="left", strength="3"))
+        assert response.status_code == 302 and response["Location"] == assignment_url(assignment, "submitted")
+        judgment = Judgment.objects.get(assignment=assignment)
+        assert judgment.comparison.carried_from == comparison and judgment.comparison.batch.label == f"{batch.label}.2"
+        assert judgment.chosen == "B" and judgment.strength == 3  # "left" was B: the screen order held
+        assert "Still there?" in page and "You chose <strong>A (left)</strong>" in client.get(response["Location"]).content.decode()
         assert Judgment.objects.filter(comparison=comparison).count() == 1
+        batch.refresh_from_db()
+        assert selectors.batch_content_hash(batch=batch) == batch.content_hash
 
     def test_without_js_the_signed_render_time_is_the_timer(self, client, make_comparison, annotator):
         make_comparison()
