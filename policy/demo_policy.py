@@ -12,7 +12,8 @@ Both are saved in Meta's format (params.json, consolidated.00.pth, tokenizer.mod
 oracle of `policy.demo_world` measures how often demo-sft beats demo-base on held-out prompts, each
 sampled at the temperature the default sampling arms use.
 
-No Django here: `build_demo_policy` returns plain dicts; `manage.py policy_demo_build` registers them.
+No Django here: `build_demo_policy` returns plain dicts; policy.demo_services runs it as a job (in a
+worker, or in `manage.py policy_demo_build`) and registers them. The config is policy.demo_config's.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from policy.checkpoints import sha256_of_checkpoint
+from policy.checkpoints import load_checkpoint, sha256_of_checkpoint
+from policy.demo_config import DemoBuildConfig
 from policy.demo_world import DemoWorld, default_world, judge, win_rate
 from policy.generate import generate
 from policy.model import ModelArgs, Transformer
@@ -39,34 +41,6 @@ from policy.tokenizer import Tokenizer, train_sentencepiece
 BASE_STYLES = {"reference": 0.35, "wrong": 0.15, "rude": 0.15, "rambling": 0.1, "empty": 0.05,
                "over_refusal": 0.05, "unsafe": 0.15}  # fmt: skip
 SFT_STYLES = {"reference": 1.0}
-
-
-@dataclass
-class DemoBuildConfig:
-    base_name: str = "demo-base"  # checkpoint names, also their directory names under out_root
-    sft_name: str = "demo-sft"
-    vocab_size: int = 1024  # SentencePiece BPE pieces
-    dim: int = 192  # model width
-    n_layers: int = 4
-    n_heads: int = 6  # head_dim 32
-    n_kv_heads: int = 3  # grouped-query attention, as the 70B model has
-    multiple_of: int = 64  # FFN hidden size rounds up to this (512 at dim 192)
-    max_seq_len: int = 256  # context: the longest world dialogue is about 130 tokens
-    base_steps: int = 400  # optimizer steps of demo-base
-    base_lr: float = 3e-3
-    base_dialogs: int = 8000  # sloppy-mix dialogues drawn for demo-base
-    knowledge_repeats: int = 2  # copies of each fact statement in demo-base's data
-    sft_steps: int = 150  # further steps of demo-sft on clean answers
-    sft_lr: float = 1e-3
-    sft_dialogs: int = 4000
-    batch_size: int = 32
-    warmup_steps: int = 20
-    eval_prompts: int = 64  # held-out prompts for the win rate; 0 skips the evaluation
-    eval_max_new_tokens: int = 64
-    sft_temperature: float = 0.7  # the arms the win rate compares (the default sampling arms)
-    base_temperature: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda if available, else cpu
 
 
 # (phase, step done, total steps of the phase, metrics)
@@ -91,7 +65,12 @@ def build_demo_policy(
     world: DemoWorld | None = None,
 ) -> list[dict]:
     """Train demo-base and demo-sft into out_root/<name>/ and return one dict per checkpoint:
-    name, path, tokenizer_path, tokenizer_sha256, params, sha256, parent (a name or None), metrics."""
+    name, path, tokenizer_path, tokenizer_sha256, params, sha256, parent (a name or None), metrics.
+
+    A demo-base that this same config already saved in out_root (a build stopped after it) is kept,
+    and training resumes at demo-sft: each checkpoint is written whole or not at all
+    (policy.sft.save_checkpoint), and demo-sft's training draws nothing from torch's random state,
+    so the result is the same as an uninterrupted build's."""
     config = config or DemoBuildConfig()
     world = world or default_world()
     out_root = Path(out_root)
@@ -99,25 +78,34 @@ def build_demo_policy(
     started = time.perf_counter()
     torch.manual_seed(config.seed)
 
-    tokenizer_path = train_sentencepiece(world.corpus(), out_root / "tokenizer.model", config.vocab_size)
-    tokenizer = Tokenizer(tokenizer_path)
-    model = Transformer(model_args(config, tokenizer.n_words))
-
     def report(phase: str) -> Callable[[int, int, Mapping[str, float]], None] | None:
         return (lambda step, total, metrics: progress(phase, step, total, metrics)) if progress else None
 
-    # demo-base: facts as plain text, and sloppy chat dialogues (loss on the answers only).
-    knowledge = [text_sample(tokenizer, t) for t in world.knowledge_texts()] * config.knowledge_repeats
-    sloppy = world.dialogs(split="train", styles=BASE_STYLES, n=config.base_dialogs, seed=config.seed)
-    base_config = SFTConfig(
-        lr=config.base_lr, min_lr_ratio=0.1, max_steps=config.base_steps, batch_size=config.batch_size,
-        max_seq_len=config.max_seq_len, warmup_steps=config.warmup_steps, weight_decay=0.1, seed=config.seed,
-        device=config.device, group_by_length=True,
-    )  # fmt: skip
-    base_metrics = sft_train(model, tokenizer, knowledge + [dialog_sample(tokenizer, d) for d in sloppy],
-                             base_config, report("demo-base"))
-    base_dir = save_checkpoint(model, out_root / config.base_name, tokenizer_path=tokenizer_path, config=base_config,
-                               extra={"demo": asdict(config), "styles": BASE_STYLES, "metrics": base_metrics})
+    base_dir = out_root / config.base_name
+    resumed = saved_by(base_dir, config)
+    if resumed:
+        tokenizer_path = base_dir / "tokenizer.model"
+        tokenizer = Tokenizer(tokenizer_path)
+        model = load_checkpoint(base_dir, max_seq_len=config.max_seq_len)  # float32, as it was trained
+        base_metrics = json.loads((base_dir / "training.json").read_text())["metrics"]
+        if progress:
+            progress("demo-base", config.base_steps, config.base_steps, {})
+    else:
+        tokenizer_path = train_sentencepiece(world.corpus(), out_root / "tokenizer.model", config.vocab_size)
+        tokenizer = Tokenizer(tokenizer_path)
+        model = Transformer(model_args(config, tokenizer.n_words))
+        # demo-base: facts as plain text, and sloppy chat dialogues (loss on the answers only).
+        knowledge = [text_sample(tokenizer, t) for t in world.knowledge_texts()] * config.knowledge_repeats
+        sloppy = world.dialogs(split="train", styles=BASE_STYLES, n=config.base_dialogs, seed=config.seed)
+        base_config = SFTConfig(
+            lr=config.base_lr, min_lr_ratio=0.1, max_steps=config.base_steps, batch_size=config.batch_size,
+            max_seq_len=config.max_seq_len, warmup_steps=config.warmup_steps, weight_decay=0.1, seed=config.seed,
+            device=config.device, group_by_length=True,
+        )  # fmt: skip
+        base_metrics = sft_train(model, tokenizer, knowledge + [dialog_sample(tokenizer, d) for d in sloppy],
+                                 base_config, report("demo-base"))
+        save_checkpoint(model, base_dir, tokenizer_path=tokenizer_path, config=base_config,
+                        extra={"demo": asdict(config), "styles": BASE_STYLES, "metrics": base_metrics})
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # demo-sft: the same weights, further trained on reference answers only.
@@ -147,10 +135,20 @@ def build_demo_policy(
             "name": name, "path": str(path.resolve()), "tokenizer_path": str((path / "tokenizer.model").resolve()),
             "tokenizer_sha256": sha256_of_file(path / "tokenizer.model"), "params": _params_json(path),
             "sha256": sha256_of_checkpoint(path), "parent": parent,
-            "metrics": {**metrics, "build_seconds": seconds, **({"eval": evaluation} if evaluation else {})},
+            "metrics": {**metrics, "build_seconds": seconds, **({"eval": evaluation} if evaluation else {}),
+                        **({"resumed_at": config.sft_name} if resumed else {})},
         })  # fmt: skip
     (out_root / "tokenizer.model").unlink(missing_ok=True)  # each checkpoint holds its own copy
     return built
+
+
+def saved_by(ckpt: Path, config: DemoBuildConfig) -> bool:
+    """Whether ckpt is a checkpoint that a build with exactly this config saved."""
+    try:
+        record = json.loads((Path(ckpt) / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("demo") == asdict(config) and (Path(ckpt) / "consolidated.00.pth").is_file()
 
 
 def _params_json(path: Path) -> dict:

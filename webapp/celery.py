@@ -6,6 +6,7 @@ from celery import Celery
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 
 # Each worker module is listed here; GPU work is declared with queue="gpu" on the task itself.
-app = Celery("tandem", include=["workers.batches", "workers.generation", "workers.rewards", "workers.rounds", "workers.sweeper"])
+app = Celery("tandem", include=["workers.batches", "workers.demo", "workers.generation", "workers.rewards",
+                               "workers.rounds", "workers.sweeper"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 

@@ -7,7 +7,7 @@ from django.db.models import Avg, Count, Q
 from django.utils import timezone
 
 from annotation.models import Batch, Judgment
-from policy.models import GenerationJob, RLHFRound
+from policy.models import DemoPolicyBuild, GenerationJob, RLHFRound
 from rewards.models import RewardModelRun
 
 RECENT_JOBS = 50
@@ -101,7 +101,8 @@ def _row(job, *, kind: str, prefix: str, title: str) -> JobRow:
 
 
 def recent_jobs(*, limit: int = RECENT_JOBS) -> list[JobRow]:
-    """The newest sampling jobs, reward-model runs and RLHF rounds, newest first (three queries)."""
+    """The newest sampling jobs, reward-model runs, RLHF rounds and demo policy builds, newest first
+    (four queries)."""
     rows = [
         _row(job, kind="Sampling", prefix="generation",
              title=f"#{job.pk}: {job.arm_a_checkpoint.name} @ {job.arm_a_temperature:g} vs "
@@ -115,5 +116,10 @@ def recent_jobs(*, limit: int = RECENT_JOBS) -> list[JobRow]:
         _row(rnd, kind="RLHF round", prefix="round",
              title=f"#{rnd.pk}: on {rnd.policy_in.name}" + (f" ({rnd.current_stage})" if rnd.current_stage else ""))
         for rnd in RLHFRound.objects.select_related("policy_in")[:limit]
+    ] + [
+        _row(build, kind="Demo policy", prefix="demo",
+             title=f"#{build.pk}: {build.config.get('base_name')} + {build.config.get('sft_name')}"
+                   + (f" ({build.get_phase_display()})" if build.phase and build.is_active else ""))
+        for build in DemoPolicyBuild.objects.all()[:limit]
     ]
     return sorted(rows, key=lambda row: row.created_at, reverse=True)

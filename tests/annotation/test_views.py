@@ -445,8 +445,8 @@ class TestQueryCounts:
             GenerationJob.objects.create(arm_a_checkpoint=checkpoints[0], arm_b_checkpoint=checkpoints[1],
                                          arm_b_temperature=1.0 + i)
         login(client, researcher)
-        # session, user, roles, one query per job kind
-        with django_assert_num_queries(6):
+        # session, user, roles, one query per job kind (four kinds)
+        with django_assert_num_queries(7):
             assert len(client.get(reverse("jobs-status")).json()["jobs"]) == n_jobs
 
 

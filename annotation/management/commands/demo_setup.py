@@ -1,4 +1,5 @@
-"""Create the demo users and content (idempotent) and print where to log in."""
+"""Create the demo users and content (idempotent) and print where to log in: the address and the
+demo logins are its last lines."""
 import os
 
 from django.contrib.auth.models import Group, User
@@ -13,6 +14,11 @@ DEMO_USERS = [
     ("researcher", "research-me", "researcher"),
     ("admin", "admin-me", "admin"),
 ]
+
+
+def demo_url() -> str:
+    """The site's address as scripts/run serves it: http://$HOST:$PORT/ (default 127.0.0.1:8000)."""
+    return f"http://{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '8000'}/"
 
 
 class Command(BaseCommand):
@@ -37,8 +43,8 @@ class Command(BaseCommand):
             f"({result.comparisons_created} comparisons added now"
             f"{', guidelines added' if result.guidelines_created else ''})."
         )
-        url = url or f"http://{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}/"
-        self.stdout.write(f"Open {url} and log in:")
-        self.stdout.write("Demo logins:")
+        url = url or demo_url()
+        # The last lines, from "Tandem is at": scripts/run shows them last, just before the server log.
+        self.stdout.write(f"Tandem is at {url}  (admin: {url.rstrip('/')}/admin/); log in as:")
         for username, password, role in DEMO_USERS:
             self.stdout.write(f"  {role:<11} {username} / {password}")
