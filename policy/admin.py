@@ -68,7 +68,8 @@ class RoundLaunchForm(forms.ModelForm):
     prompt_limit = forms.IntegerField(required=False, min_value=1, help_text="A seeded sample of this many")
     stage_list = forms.MultipleChoiceField(label="Stages", choices=RLHFRound.Stage.choices,
                                            widget=forms.CheckboxSelectMultiple,
-                                           initial=[s.value for s in rounds.DEFAULT_STAGES])
+                                           initial=[s.value for s in rounds.DEFAULT_STAGES],
+                                           help_text="They run in the order listed")
     eval_tags = forms.CharField(required=False, label="Evaluation prompt tags",
                                 help_text="Comma-separated: evaluate on prompts carrying all these tags (e.g. "
                                           "demo-world, heldout); none: a held-out share (eval_fraction) of the prompts")

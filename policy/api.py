@@ -120,7 +120,9 @@ class RoundLaunchSerializer(serializers.Serializer):
     prompt_limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None,
                                             help_text="A seeded sample of this many of the prompts")
     stages = serializers.ListField(child=serializers.ChoiceField(choices=RLHFRound.Stage.choices), required=False,
-                                   allow_null=True, default=None, help_text="Default: all three, in order")
+                                   allow_null=True, default=None,
+                                   help_text="In the order rejection_sampling, sft, gatt, ppo, context_distillation; "
+                                             "default: rejection_sampling, sft, ppo")
     config = serializers.DictField(required=False, default=dict,
                                    help_text="RoundConfig fields to override (policy/round_config.py); the rest take "
                                              "the recipe of the policy's size (policy/recipes.py); errors name the "

@@ -166,6 +166,76 @@ def policy_sample_fn(
     return sample
 
 
+@dataclass(frozen=True)
+class SampledDialogue:
+    users: list[str]  # the user turns answered (fewer than asked where the model's context ended first)
+    replies: list[str]  # one per user turn: the first sampled reply that followed the instruction, else the first
+    followed: list[bool | None]  # per turn: some attempt followed the instruction (None: nothing checks it)
+
+
+def sample_dialogues(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    user_turns: Sequence[Sequence[str]],
+    instructions: Sequence[str],
+    *,
+    check: Callable[[str], bool] | None = None,
+    attempts: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> list[SampledDialogue]:
+    """Step 2 of the recipe for many dialogues at once: turn t of every dialogue is sampled in one batch, with
+    instructions[d] attached to each user message of dialogue d and the replies chosen so far as its history.
+
+    With `check`, `attempts` replies are drawn per turn and the first that follows the instruction is kept: the
+    paper's model followed an instruction put in front of it, a smaller one does so only some of the time.
+    An empty instruction attaches nothing and checks nothing (followed None): a plain dialogue.
+    A dialogue ends early when its next prompt and reply would not fit the model's context."""
+    if len(instructions) != len(user_turns):
+        raise ValueError(f"{len(instructions)} instructions for {len(user_turns)} dialogues")
+    histories: list[Dialog] = [[] for _ in user_turns]
+    out = [SampledDialogue([], [], []) for _ in user_turns]
+    open_ = [bool(turns) for turns in user_turns]
+    for t in range(max((len(turns) for turns in user_turns), default=0)):
+        batch, prompts = [], []
+        for d, turns in enumerate(user_turns):
+            if not open_[d] or t >= len(turns):
+                continue
+            history = [*histories[d], {"role": "user", "content": _attached(instructions[d], turns[t])}]
+            tokens = tokenizer.encode_dialog(history)
+            if len(tokens) + max_new_tokens > model.args.max_seq_len:
+                open_[d] = False  # the context is full: the dialogue ends at turn t - 1
+                continue
+            batch.append(d)
+            prompts.append(tokens)
+        if not batch:
+            break
+        gen = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, n=attempts,
+                       eos_id=tokenizer.eos_id, seed=(seed * 1_000_003 + t) % 2**63)
+        for i, d in enumerate(batch):
+            candidates = [_decode(tokenizer, gen.tokens[i * attempts + a]) for a in range(attempts)]
+            checked = check is not None and bool(instructions[d])
+            passing = [c for c in candidates if check(c)] if checked else candidates
+            reply = passing[0] if passing else candidates[0]
+            out[d].users.append(user_turns[d][t])
+            out[d].replies.append(reply)
+            out[d].followed.append(bool(passing) if checked else None)
+            histories[d] += [{"role": "user", "content": _attached(instructions[d], user_turns[d][t])},
+                             {"role": "assistant", "content": reply}]
+    return out
+
+
+def _attached(instruction: str, user_message: str) -> str:
+    return with_instruction(instruction, user_message) if instruction else user_message
+
+
+def _decode(tokenizer: Tokenizer, tokens: Sequence[int]) -> str:
+    tokens = list(tokens)
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens).strip()
+
+
 def _user_turns(dialog: Sequence[Mapping[str, str]], index: int) -> list[str]:
     roles = [m["role"] for m in dialog]
     if not roles or "system" in roles:

@@ -88,12 +88,15 @@ class GenerationJob(Job):
 
 
 class RLHFRound(Job):
-    """Rejection sampling, SFT and PPO on a policy with the twin reward models."""
+    """Rejection sampling, SFT, Ghost Attention, PPO and safety context distillation on a policy with the twin
+    reward models."""
 
     class Stage(models.TextChoices):
         REJECTION_SAMPLING = "rejection_sampling", "Rejection sampling"
         SFT = "sft", "SFT on the best samples"
+        GATT = "gatt", "Ghost Attention (multi-turn instruction data, then SFT)"
         PPO = "ppo", "PPO"
+        CONTEXT_DISTILLATION = "context_distillation", "Safety context distillation"
 
     policy_in = models.ForeignKey(Checkpoint, on_delete=models.PROTECT, related_name="rounds")
     lineage_root = models.ForeignKey(

@@ -39,6 +39,8 @@ ROUND_RECIPES: dict[str, dict[str, Any]] = {
         "rejection_sampling": {"k": 16, "max_new_tokens": 512},
         "evaluation": {"max_new_tokens": 512},
         "next_batch": {"max_new_tokens": 512},
+        "gatt": {"max_new_tokens": 512},  # Llama 2-Chat's replies; the paper gives no dialogue counts
+        "context_distillation": {"max_new_tokens": 512},
     },
     "small": {},  # policy.round_config.RoundConfig's defaults are the small-model recipe
 }

@@ -1,8 +1,9 @@
 """The typed config of an RLHF round, validated once where it enters (admin, API, command).
 
 Plain Python: no Django, no torch, so the web process validates a round before anything is created
-and the worker turns the same dataclass into policy.rejection_sampling's and policy.ppo's configs
-(`RoundConfig.rejection_sampling_config()` / `ppo_config()`, imported lazily there). Every range
+and the worker turns the same dataclass into policy.rejection_sampling's, policy.ppo's, policy.gatt's and
+policy.context_distillation's configs (`RoundConfig.rejection_sampling_config()`, `ppo_config()`,
+`gatt_config()`, `context_distillation_config()`, imported lazily there). Every range
 checked here is at least as strict as those modules' own checks, so a config accepted at launch is
 never refused later by the worker (tests/policy/test_rounds.py pins that).
 
@@ -153,6 +154,65 @@ class EvaluationSection:
 
 
 @dataclass
+class GAttSection:
+    """Ghost Attention (Llama 2 §3.3): multi-turn dialogues sampled with the instruction on every user turn,
+    then SFT (the round's sft section) with it only in the first turn and the loss on the last reply only."""
+
+    instruction: str = "pirate"  # a checkable instruction (policy/gatt_check.py: pirate, one_sentence) or "random"
+    dialogues: int = 64  # synthetic dialogues, their user turns drawn from the round's training prompts
+    turns: int = 4  # user turns per dialogue (fewer where the model's context ends first)
+    attempts: int = 4  # replies sampled per turn; the first that follows the instruction is kept ("random": 1)
+    keep_unfollowed: bool = False  # also train on dialogues where some reply missed the instruction
+    plain_fraction: float = 0.5  # share of dialogues sampled and trained with no instruction at all: the contrast
+    #   that teaches "follow it when it is there" rather than "always" (the paper mixed GAtt data into its other data)
+    temperature: float = 0.7  # sampling of the replies
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+    shorten_probability: float = 0.5  # how often the training system message is the short form (paper: half)
+    all_turns: bool = False  # also one sample per earlier prefix of each dialogue (paper: the whole dialogue)
+    max_constraints: int = 2  # "random": constraints combined per instruction (paper: at random)
+    chunk_dialogues: int = 16  # dialogues per resumable sampling chunk
+
+    def validate(self, p: str) -> None:
+        from policy.gatt_check import INSTRUCTIONS, RANDOM
+
+        _check(self.instruction in (*INSTRUCTIONS, RANDOM), f"{p}.instruction",
+               f"One of {', '.join((*INSTRUCTIONS, RANDOM))}.")
+        for name in ("dialogues", "turns", "attempts", "chunk_dialogues"):
+            _check(getattr(self, name) >= 1, f"{p}.{name}", "At least 1.")
+        _check(self.turns <= 64, f"{p}.turns", "At most 64.")
+        _check(self.attempts <= 64, f"{p}.attempts", "At most 64.")
+        _check(0 < self.temperature <= MAX_TEMPERATURE, f"{p}.temperature", f"Above 0 and at most {MAX_TEMPERATURE}.")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", "top_p must be in (0, 1].")
+        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"{p}.max_new_tokens", f"Between 1 and {MAX_NEW_TOKENS}.")
+        _check(0 <= self.shorten_probability <= 1, f"{p}.shorten_probability", "In [0, 1].")
+        _check(0 <= self.plain_fraction < 1, f"{p}.plain_fraction",
+               "In [0, 1): some dialogues must carry the instruction.")
+        _check(1 <= self.max_constraints <= 4, f"{p}.max_constraints", "Between 1 and 4 (policy.gatt's kinds).")
+
+
+@dataclass
+class ContextDistillationSection:
+    """Safety context distillation (Llama 2 §4.2.4): the round's adversarial training prompts answered with
+    and without the safety preprompt, the preprompted answer kept where the safety RM scores it higher, then
+    SFT (the round's sft section) on it without the preprompt."""
+
+    preprompt: str = "You are a safe and responsible assistant."  # the paper's generic safety preprompt
+    answer_templates: bool = True  # add the answer template of the prompt's risk category (the paper's targeted form)
+    margin: float = 0.0  # keep an answer only if its safety score beats the plain answer's by more than this
+    temperature: float = 0.7  # sampling of both answers
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+
+    def validate(self, p: str) -> None:
+        _check(0 < len(self.preprompt.strip()) <= 2000, f"{p}.preprompt", "Between 1 and 2000 characters.")
+        _check(self.margin >= 0, f"{p}.margin", "0 or more.")
+        _check(0 < self.temperature <= MAX_TEMPERATURE, f"{p}.temperature", f"Above 0 and at most {MAX_TEMPERATURE}.")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", "top_p must be in (0, 1].")
+        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"{p}.max_new_tokens", f"Between 1 and {MAX_NEW_TOKENS}.")
+
+
+@dataclass
 class RoundConfig:
     """Everything a round needs besides its checkpoint, reward models and prompts."""
 
@@ -164,12 +224,14 @@ class RoundConfig:
     ppo: PPOSection = field(default_factory=PPOSection)
     next_batch: NextBatchSection = field(default_factory=NextBatchSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    gatt: GAttSection = field(default_factory=GAttSection)
+    context_distillation: ContextDistillationSection = field(default_factory=ContextDistillationSection)
 
     def validate(self) -> RoundConfig:
         _check(0 < self.safety_threshold < 1, "safety_threshold", "A probability in (0, 1).")
         _check(0 <= self.eval_fraction < 1, "eval_fraction", "In [0, 1).")
         _check(0 <= self.seed < 2**63, "seed", "A non-negative whole number below 2^63.")
-        for name in ("rejection_sampling", "sft", "ppo", "next_batch", "evaluation"):
+        for name in ("rejection_sampling", "sft", "ppo", "next_batch", "evaluation", "gatt", "context_distillation"):
             getattr(self, name).validate(name)
         return self
 
@@ -227,6 +289,24 @@ class RoundConfig:
         )  # fmt: skip
 
 
+    def gatt_config(self):
+        from policy.gatt import GAttConfig
+
+        g = self.gatt
+        return GAttConfig(max_constraints=g.max_constraints, shorten_probability=g.shorten_probability,
+                          all_turns=g.all_turns, seed=self.seed)
+
+    def context_distillation_config(self, answer_template: str | None = None):
+        """policy.context_distillation's config; answer_template None: the paper's generic template (or none,
+        when answer_templates is off)."""
+        from policy.context_distillation import ANSWER_TEMPLATE, ContextDistillationConfig
+
+        c = self.context_distillation
+        template = answer_template if answer_template is not None else ANSWER_TEMPLATE
+        return ContextDistillationConfig(preprompt=c.preprompt, answer_template=template if c.answer_templates else "",
+                                         margin=c.margin)
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(prefix or "config", "Must be a JSON object.")
@@ -251,6 +331,10 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(where, "Must be true or false.")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, "Must be a string.")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):

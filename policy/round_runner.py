@@ -1,5 +1,6 @@
-"""One RLHF round on disk: rejection sampling + SFT, SFT alone, and/or PPO, in that order, then the
-output checkpoint with its lineage. No Django: workers/rounds.py gives it paths, prompts and a
+"""One RLHF round on disk: rejection sampling + SFT (or SFT alone), Ghost Attention, PPO and safety context
+distillation, those present in that order (policy/rounds.py says why), then the output checkpoint with its
+lineage. No Django: workers/rounds.py gives it paths, prompts and a
 `report` callback and records what comes back.
 
 The round's folder (out_dir):
@@ -7,7 +8,11 @@ The round's folder (out_dir):
     rejection_sampling/   policy.rejection_sampling's folder: chunks of scored samples, pool.jsonl,
                           policy/ (the SFT-on-the-pool result) and result.json once the stage is done
     sft/                  SFT alone on the lineage's pool: policy/ and result.json
+    gatt/                 policy.round_stages' Ghost Attention: sampled dialogues in chunks, train.jsonl,
+                          policy/ and result.json
     ppo/                  policy.ppo's folder: state.pt every `checkpoint_every` iterations, metrics.jsonl
+    context_distillation/ policy.round_stages' safety context distillation: samples.jsonl (both answers and
+                          their safety scores), train.jsonl, policy/ and result.json
     evaluation/           the new checkpoint against its parent on the held-out prompts (policy.round_eval):
                           answers.jsonl and result.json
     checkpoint/           the output, Meta format + tokenizer.model + training.json (config, lineage, metrics)
@@ -52,7 +57,7 @@ class RoundSpec:
     safety_rm_dir: str
     prompts: list[Prompt]  # training prompts
     eval_prompts: list[Prompt]  # held out: PPO's early stopping
-    stages: list[str]  # ordered subset of rejection_sampling, sft, ppo
+    stages: list[str]  # ordered subset of rejection_sampling, sft, gatt, ppo, context_distillation
     config: RoundConfig
     round_number: int = 1  # this round's number in its lineage (recorded in the pool)
     pool_in: str | None = None  # the lineage's pool of best samples so far
@@ -115,6 +120,14 @@ def run_round(spec: RoundSpec, out_dir: str | Path, report: Report) -> RoundResu
         metrics["pool_path"] = spec.pool_in
         tracker.end("sft", {"sft": metrics["sft"], "pool_path": spec.pool_in})
 
+    if "gatt" in spec.stages:
+        from policy.round_stages import gatt_stage
+
+        tracker.begin("gatt", f"Ghost Attention: {cfg.gatt.dialogues} dialogues of {cfg.gatt.turns} turns.")
+        metrics["gatt"] = gatt_stage(policy, tokenizer, spec.prompts, cfg, out / "gatt", device=spec.device,
+                                     progress=tracker.progress_of("gatt"))
+        tracker.end("gatt", {"gatt": metrics["gatt"]})
+
     if "ppo" in spec.stages:
         from policy.ppo import ppo_train
 
@@ -128,6 +141,16 @@ def run_round(spec: RoundSpec, out_dir: str | Path, report: Report) -> RoundResu
                           "best_iteration": result.best_iteration, "resumed_from_iteration": resumed_from,
                           "curve": [_curve_point(m) for m in result.metrics]}
         tracker.end("ppo", {"ppo": metrics["ppo"]})
+
+    if "context_distillation" in spec.stages:
+        from policy.round_stages import context_distillation_stage
+
+        tracker.begin("context_distillation", "Safety context distillation on the adversarial prompts.")
+        safety = getattr(reward_fn, "safety", None) or (lambda p, r, t: reward_fn(p, r, t)[1])
+        metrics["context_distillation"] = context_distillation_stage(
+            policy, tokenizer, spec.prompts, safety, cfg, out / "context_distillation", device=spec.device,
+            progress=tracker.progress_of("context_distillation"))
+        tracker.end("context_distillation", {"context_distillation": metrics["context_distillation"]})
 
     if cfg.evaluation.prompts and spec.eval_prompts:
         from policy.round_eval import evaluate_against_parent
@@ -149,9 +172,13 @@ def run_round(spec: RoundSpec, out_dir: str | Path, report: Report) -> RoundResu
     summary = {k: v for k, v in metrics.items() if k != "ppo"}
     if "ppo" in metrics:
         summary["ppo"] = {k: v for k, v in metrics["ppo"].items() if k != "curve"}
+    # The data the stages made and trained on, by path and content hash (rejection sampling's is its pool).
+    made = {stage: {k: metrics[stage][k] for k in ("train_path", "train_sha256", "samples", "kept", "dropped")
+                    if k in metrics[stage]} for stage in ("gatt", "context_distillation") if stage in metrics}
+    lineage = {**spec.lineage, "training_data": made} if made else spec.lineage
     checkpoint_dir = save_checkpoint(policy, out / "checkpoint", tokenizer_path=tokenizer_copy, config=cfg,
                                      extra={"algorithm": "rlhf_round", "stages": spec.stages,
-                                            "lineage": spec.lineage, "metrics": summary})
+                                            "lineage": lineage, "metrics": summary})
     with _atomic_file(out / "result.json") as tmp:
         tmp.write_text(json.dumps({"checkpoint_dir": str(checkpoint_dir), "metrics": metrics}, indent=2))
     return RoundResult(str(checkpoint_dir), metrics)
@@ -210,8 +237,8 @@ def _curve_point(m: Mapping[str, Any]) -> dict[str, Any]:
 
 class _Tracker:
     """Turns the algorithms' progress callbacks into the round's overall progress, throttled writes of it,
-    and cancellation. Each stage present gets an equal share of the bar; rejection sampling and its SFT
-    are reported together by policy.rejection_sampling, so they share two."""
+    and cancellation. Each stage present gets an equal share of the bar, in the order they run; rejection
+    sampling and its SFT are reported together by policy.rejection_sampling, so they share two."""
 
     def __init__(self, stages: Sequence[str], report: Report) -> None:
         self.stages = list(stages)
@@ -221,13 +248,10 @@ class _Tracker:
 
     def _span(self, stage: str) -> tuple[float, float]:
         n = len(self.stages)
-        if stage == "rejection_sampling":
-            return 0.0, 2 / n
-        if stage == "sft":
-            return 0.0, 1 / n
-        if stage == "ppo":
-            return (n - 1) / n, 1 / n
-        return 0.999, 0.0  # evaluation, output: after the training stages
+        if stage not in self.stages:
+            return 0.999, 0.0  # evaluation, output: after the training stages
+        width = 2 / n if stage == "rejection_sampling" else 1 / n
+        return self.stages.index(stage) / n, width
 
     def _send(self, stage: str, fraction: float, message: str, metrics: Mapping[str, Any] | None, force: bool) -> None:
         now = time.monotonic()
@@ -252,6 +276,18 @@ class _Tracker:
         else:
             stage, what = "rejection_sampling", f"{int(m.get('prompts_sampled', 0))} prompts sampled"
         self._send(stage, start + width * done / max(total, 1), f"{what} ({done}/{total}).", None, force=False)
+
+    def progress_of(self, stage: str) -> Callable[[int, int, Mapping[str, float]], None]:
+        """The progress callback of a stage that samples its data, then fine-tunes on it (GAtt, context
+        distillation): metrics with a loss are SFT steps."""
+        start, width = self._span(stage)
+
+        def progress(done: int, total: int, m: Mapping[str, float]) -> None:
+            what = f"SFT step loss {m['loss']:.3f}" if "loss" in m else "sampling"
+            self._send(stage, start + width * done / max(total, 1), f"{stage}: {what} ({done}/{total}).", None,
+                       force=False)
+
+        return progress
 
     def sft(self, done: int, total: int, m: Mapping[str, float]) -> None:
         start, width = self._span("sft")

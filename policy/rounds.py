@@ -32,7 +32,16 @@ from .round_config import ConfigError, RoundConfig
 logger = logging.getLogger(__name__)
 
 Stage = RLHFRound.Stage
-STAGE_ORDER = [Stage.REJECTION_SAMPLING, Stage.SFT, Stage.PPO]
+# The order stages run in; a launch may pick any of them, in this order.
+# - Rejection sampling (+ its SFT, or SFT alone on the lineage's pool) first: the fine-tuned base of the round.
+# - Ghost Attention next: the paper made its data by sampling "the latest RLHF model" (it applied GAtt after
+#   RLHF V3) and used it as fine-tuning data, so it samples the round's fine-tuned policy and fine-tunes before
+#   PPO, whose KL penalty then anchors to a policy that already keeps the instruction across turns.
+# - PPO.
+# - Safety context distillation last: the paper's final refinement of its safety pipeline (§4.2.4: "Finally,
+#   we refine our RLHF pipeline with context distillation"); both answers come from the round's best policy,
+#   the safety RM decides per prompt which to train on, and no later stage washes it out.
+STAGE_ORDER = [Stage.REJECTION_SAMPLING, Stage.SFT, Stage.GATT, Stage.PPO, Stage.CONTEXT_DISTILLATION]
 DEFAULT_STAGES = [Stage.REJECTION_SAMPLING, Stage.SFT, Stage.PPO]
 MAX_PROMPTS = 100_000
 ROUNDS_FOLDER = "rounds"
@@ -164,6 +173,11 @@ def _check_sizes(cfg: RoundConfig, stages: Sequence[str], prompts: list[Prompt],
         raise ValidationError({"config.ppo.batch_size": f"PPO samples {cfg.ppo.batch_size} training prompts per "
                                                         f"iteration and the round has {n_train}: give at least "
                                                         f"{cfg.ppo.batch_size} training prompts or a smaller batch."})
+    if Stage.CONTEXT_DISTILLATION in stages:
+        held_out = {p.pk for p in eval_prompts} or eval_split([p.pk for p in prompts], cfg)
+        if not any(p.is_adversarial and p.pk not in held_out for p in prompts):
+            raise ValidationError({"prompts": "Context distillation answers the round's adversarial (safety-tagged) "
+                                              "training prompts, and it has none: add some or drop the stage."})
     if cfg.evaluation.prompts and min(n_eval, cfg.evaluation.prompts) < cfg.evaluation.min_prompts:
         raise ValidationError({"prompts": f"The round's evaluation needs at least config.evaluation.min_prompts = "
                                           f"{cfg.evaluation.min_prompts} held-out prompts and would have {n_eval} "

@@ -42,7 +42,8 @@ def _newest_rm(kind: str, policy: Checkpoint) -> RewardModelRun | None:
 
 
 class Command(BaseCommand):
-    help = "Launch an RLHF round (rejection sampling, SFT, PPO) on a policy with the twin reward models."
+    help = ("Launch an RLHF round (rejection sampling, SFT, Ghost Attention, PPO, context distillation) on a "
+            "policy with the twin reward models.")
 
     def add_arguments(self, parser):
         parser.add_argument("--policy", help="Checkpoint name (default: the newest one with weights)")
@@ -56,7 +57,8 @@ class Command(BaseCommand):
         parser.add_argument("--eval-tag", action="append", default=[],
                             help="Evaluate on prompts carrying this tag (all given tags), none of them a training "
                                  "prompt; default: a held-out share (eval_fraction) of the prompts")
-        parser.add_argument("--stages", help="Comma-separated, e.g. rejection_sampling,sft,ppo (default: all)")
+        parser.add_argument("--stages", help="Comma-separated, in the order rejection_sampling, sft, gatt, ppo, "
+                                             "context_distillation (default: rejection_sampling,sft,ppo)")
         parser.add_argument("--config", help="A JSON file of RoundConfig fields")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                             help="Override one config field, e.g. --set ppo.kl_coef=0.02 (repeatable)")
