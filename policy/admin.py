@@ -66,10 +66,11 @@ class RoundLaunchForm(forms.ModelForm):
                                                      "(e.g. demo-world, train)")
     prompt_ids = forms.CharField(required=False, help_text="Comma-separated prompt ids")
     prompt_limit = forms.IntegerField(required=False, min_value=1, help_text="A seeded sample of this many")
-    stage_list = forms.MultipleChoiceField(label="Stages", choices=RLHFRound.Stage.choices,
+    stage_list = forms.MultipleChoiceField(label="Stages", choices=RLHFRound.Stage.choices, required=False,
                                            widget=forms.CheckboxSelectMultiple,
-                                           initial=[s.value for s in rounds.DEFAULT_STAGES],
-                                           help_text="They run in the order listed")
+                                           help_text="They run in the order listed. None ticked: the recipe's stages "
+                                                     "for the policy's size (rejection sampling + SFT under 1B "
+                                                     "parameters, + PPO from 1B; docs/recipes.md)")
     eval_tags = forms.CharField(required=False, label="Evaluation prompt tags",
                                 help_text="Comma-separated: evaluate on prompts carrying all these tags (e.g. "
                                           "demo-world, heldout); none: a held-out share (eval_fraction) of the prompts")
@@ -99,7 +100,7 @@ class RoundLaunchForm(forms.ModelForm):
         try:
             self.instance = rounds.round_launch(
                 policy=data["policy"], helpfulness_rm=data["helpfulness_rm"], safety_rm=data["safety_rm"],
-                prompts=prompts, stages=data.get("stage_list"), config=data.get("round_config") or {},
+                prompts=prompts, stages=data.get("stage_list") or None, config=data.get("round_config") or {},
                 eval_prompts=eval_prompts, created_by=self.user,
             )  # fmt: skip
         except ValidationError as error:

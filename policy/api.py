@@ -122,7 +122,8 @@ class RoundLaunchSerializer(serializers.Serializer):
     stages = serializers.ListField(child=serializers.ChoiceField(choices=RLHFRound.Stage.choices), required=False,
                                    allow_null=True, default=None,
                                    help_text="In the order rejection_sampling, sft, gatt, ppo, context_distillation; "
-                                             "default: rejection_sampling, sft, ppo")
+                                             "default: the recipe's stages for the policy's size "
+                                             "(rejection_sampling, sft under 1B parameters; + ppo from 1B)")
     config = serializers.DictField(required=False, default=dict,
                                    help_text="RoundConfig fields to override (policy/round_config.py); the rest take "
                                              "the recipe of the policy's size (policy/recipes.py); errors name the "

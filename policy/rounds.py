@@ -27,6 +27,7 @@ from webapp.jobs import ACTIVE_STATUSES, JobStatus
 
 from . import services
 from .models import Checkpoint, GenerationJob, RLHFRound
+from .recipes import ROUND_STAGES, scale_of
 from .round_config import ConfigError, RoundConfig
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ Stage = RLHFRound.Stage
 #   we refine our RLHF pipeline with context distillation"); both answers come from the round's best policy,
 #   the safety RM decides per prompt which to train on, and no later stage washes it out.
 STAGE_ORDER = [Stage.REJECTION_SAMPLING, Stage.SFT, Stage.GATT, Stage.PPO, Stage.CONTEXT_DISTILLATION]
-DEFAULT_STAGES = [Stage.REJECTION_SAMPLING, Stage.SFT, Stage.PPO]
 MAX_PROMPTS = 100_000
 ROUNDS_FOLDER = "rounds"
 
@@ -88,9 +88,9 @@ def lineage_pool(rnd: RLHFRound) -> str | None:
 
 # --- launch -----------------------------------------------------------------------------------------
 
-def _clean_stages(stages: Sequence[str] | None) -> list[str]:
-    if stages is None:
-        return [s.value for s in DEFAULT_STAGES]
+def _clean_stages(stages: Sequence[str] | None, policy: Checkpoint) -> list[str]:
+    if stages is None:  # the recipe's stages for the policy's size (policy/recipes.py)
+        return list(ROUND_STAGES[scale_of(policy.params)])
     if isinstance(stages, str) or not isinstance(stages, Sequence):
         raise ValidationError({"stages": "A list of stages."})
     known = [s.value for s in STAGE_ORDER]
@@ -216,7 +216,7 @@ def round_launch(
     helpfulness_rm = _clean_rm(helpfulness_rm, RewardModelRun.Kind.HELPFULNESS, "helpfulness_rm", policy)
     safety_rm = _clean_rm(safety_rm, RewardModelRun.Kind.SAFETY, "safety_rm", policy)
     prompts = _clean_prompts(prompts)
-    stages = _clean_stages(stages)
+    stages = _clean_stages(stages, policy)
     cfg = _clean_config(config, policy)
     eval_prompts = _clean_prompts(eval_prompts, field="eval_prompts") if eval_prompts is not None else []
     _check_sizes(cfg, stages, prompts, eval_prompts)

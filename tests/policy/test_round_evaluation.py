@@ -87,7 +87,8 @@ def test_launch_refuses_what_cannot_be_evaluated_or_trained(world):
         launch(world, config={**rf.TINY_ROUND, "evaluation": {"min_prompts": 5}})
     assert "config.evaluation.min_prompts = 5" in caught.value.message_dict["prompts"][0]
     with pytest.raises(ValidationError) as caught:
-        launch(world, config={**rf.TINY_ROUND, "ppo": {**rf.TINY_ROUND["ppo"], "batch_size": 8, "mini_batch_size": 4}})
+        launch(world, stages=["rejection_sampling", "sft", "ppo"],
+               config={**rf.TINY_ROUND, "ppo": {**rf.TINY_ROUND["ppo"], "batch_size": 8, "mini_batch_size": 4}})
     assert "at least 8 training prompts" in caught.value.message_dict["config.ppo.batch_size"][0]
     with pytest.raises(ValidationError) as caught:
         launch(world, eval_prompts=[])
@@ -222,9 +223,18 @@ def test_demo_loop_fast_runs_the_readme_loop(round_world, settings, tmp_path, mo
     call_command("demo_loop", "--fast", "--policy", base.name, "--rm-base", sft.name, "--json", str(out))
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert [s["step"] for s in result["steps"]] == ["simulated judgments", "freeze", "reward models", "round"]
+    assert [s["step"] for s in result["steps"]] == ["policy answers", "simulated judgments", "freeze", "reward models",
+                                                    "round"]
     assert {rm["kind"] for rm in result["reward_models"]} == {"helpfulness", "safety"}
     assert result["round"]["evaluation"]["n"] >= 2 and result["round"]["checkpoint"].startswith(base.name)
     for label in ("reward model", "held-out acc", "length baseline", "win rate", "95% CI", "total"):
         assert label in printed
     assert Checkpoint.objects.filter(name=result["round"]["checkpoint"], parent=base).exists()
+
+
+@pytest.mark.django_db
+def test_a_round_without_stages_runs_the_recipes(world):
+    rnd = rounds.round_launch(policy=world["policy"], helpfulness_rm=world["helpful"], safety_rm=world["safety"],
+                              prompts=world["prompts"], config=rf.TINY_ROUND)
+    assert rnd.stages == ["rejection_sampling", "sft"]  # a small policy: PPO only when asked for
+    assert recipes.ROUND_STAGES["paper"] == ["rejection_sampling", "sft", "ppo"]

@@ -51,7 +51,7 @@ def world(round_world, settings, tmp_path, monkeypatch):
 
 def launch(world, **overrides):
     kwargs = dict(policy=world["policy"], helpfulness_rm=world["helpful"], safety_rm=world["safety"],
-                  prompts=world["prompts"], config=rf.TINY_ROUND)
+                  prompts=world["prompts"], config=rf.TINY_ROUND, stages=["rejection_sampling", "sft", "ppo"])
     return rounds.round_launch(**{**kwargs, **overrides})
 
 

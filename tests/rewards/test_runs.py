@@ -77,7 +77,7 @@ def test_bad_input_is_refused_before_anything_is_created(rm_base, rm_base_folder
 
     small = annotation_services.batch_freeze(batch=open_batch, test_size=2)  # 10 train pairs, 4 of them safety
     with pytest.raises(ValidationError) as error:  # the safety mix has too few pairs: the pair is refused whole
-        services.reward_pair_launch(base_checkpoint=rm_base, batches=[small])
+        services.reward_pair_launch(base_checkpoint=rm_base, batches=[small], config={"micro_batch_size": 4})
     assert "Too little data" in error.value.message_dict["batches"][0] and "safety reward model" in str(error.value)
     with pytest.raises(ValidationError) as error:  # enough pairs, but not for one step of 16
         services.reward_run_launch(kind="helpfulness", base_checkpoint=rm_base, batches=[small],

@@ -58,7 +58,8 @@ class Command(BaseCommand):
                             help="Evaluate on prompts carrying this tag (all given tags), none of them a training "
                                  "prompt; default: a held-out share (eval_fraction) of the prompts")
         parser.add_argument("--stages", help="Comma-separated, in the order rejection_sampling, sft, gatt, ppo, "
-                                             "context_distillation (default: rejection_sampling,sft,ppo)")
+                                             "context_distillation (default: the recipe's for the policy's "
+                                             "size: rejection_sampling,sft under 1B parameters, +ppo from 1B)")
         parser.add_argument("--config", help="A JSON file of RoundConfig fields")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                             help="Override one config field, e.g. --set ppo.kl_coef=0.02 (repeatable)")
