@@ -20,17 +20,19 @@ from typing import Any
 
 @dataclass
 class LoopSizes:
+    policy_prompts: int = 600  # demo-world prompts the demo policy answers first (policy_demo_build --answer)
     seed_world: int = 600  # demo-world comparisons created to judge (simulate_annotators --seed-world)
-    annotators: int = 2  # simulated people (--annotators)
-    items: int = 300  # judgments each at most (--items)
+    annotators: int = 3  # simulated people (--annotators)
+    items: int = 400  # judgments each at most (--items)
     noise: float = 0.1  # the simulated people's noise on the oracle's margin
     round_config: dict[str, Any] = field(default_factory=dict)  # over the recipe of the policy's size
     rm_config: dict[str, Any] = field(default_factory=dict)  # over the reward-model recipe
+    stages: list[str] | None = None  # the round's stages (None: the recipe's)
 
 
 # --fast: the machinery end to end in seconds on a tiny model (tests); numbers mean nothing at this size.
 FAST = LoopSizes(
-    seed_world=40, annotators=1, items=60, rm_config={"max_seq_len": 96, "micro_batch_size": 4, "checkpoint_every": 0,
+    policy_prompts=8, seed_world=40, annotators=1, items=60, rm_config={"max_seq_len": 96, "micro_batch_size": 4, "checkpoint_every": 0,
                                                       "mix": {"min_train_pairs": 4}},
     round_config={"rejection_sampling": {"k": 2, "max_new_tokens": 8, "chunk_prompts": 8},
                   "sft": {"max_steps": 2, "batch_size": 4},
@@ -73,6 +75,8 @@ def run_loop(*, policy: str, rm_base: str, sizes: LoopSizes, seed: int = 0, base
     from policy.models import Checkpoint, RLHFRound
     from rewards import services as reward_services
     from rewards.models import RewardModelRun
+    from policy import services as policy_services
+    from workers.generation import generate_responses
     from workers.rewards import train_reward_model
     from workers.rounds import run_round
 
@@ -91,6 +95,13 @@ def run_loop(*, policy: str, rm_base: str, sizes: LoopSizes, seed: int = 0, base
         steps.append({"step": name, "wall_s": round(time.perf_counter() - began, 1)})
         log(f"[{name}] {steps[-1]['wall_s']} s")
 
+    if sizes.policy_prompts:
+        with step("policy answers"):
+            # The paper's point: reward models learn to rank the policy's own samples from comparisons of them.
+            job = policy_services.demo_prompts_answer(count=sizes.policy_prompts, seed=seed)
+            if job is not None:  # a worker that also gets the job pairs nothing twice (generation_pair_record)
+                made = generate_responses(job.pk)
+                log(f"The default arms answered {job.prompts.count()} demo-world prompts: {made} comparisons.")
     with step("simulated judgments"), _server(base_url) as url:
         out = io.StringIO()
         call_command("simulate_annotators", "--base-url", url, "--annotators", str(sizes.annotators),
@@ -113,7 +124,7 @@ def run_loop(*, policy: str, rm_base: str, sizes: LoopSizes, seed: int = 0, base
     with step("round"):
         prompts = rounds.prompts_for_round(batches=[batch])
         rnd = rounds.round_launch(policy=start, helpfulness_rm=runs[0], safety_rm=runs[1], prompts=prompts,
-                                  config={**sizes.round_config, "seed": seed})
+                                  stages=sizes.stages, config={**sizes.round_config, "seed": seed})
         # The round's message goes to the broker after the commit; this process runs it now, and a worker
         # that gets the message later finds it finished and does nothing.
         status = run_round(rnd.pk)

@@ -4,6 +4,7 @@
     manage.py demo_loop --base-url http://127.0.0.1:8000   # the simulated annotators talk to this server
     manage.py demo_loop --fast                # tiny sizes: the machinery in seconds (tests)
 """
+import dataclasses
 import json
 
 from django.core.exceptions import ValidationError
@@ -19,17 +20,24 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--policy", default="demo-base", help="The checkpoint the round improves (default demo-base)")
-        parser.add_argument("--rm-base", default="demo-sft",
-                            help="The checkpoint the reward models start from, the chat model as in Llama 2 "
-                                 "(default demo-sft)")
+        parser.add_argument("--rm-base", default="demo-base",
+                            help="The checkpoint the reward models start from (default demo-base: on the demo world "
+                                 "it gave more accurate twins than the chat model demo-sft, see docs/benchmarks.md)")
         parser.add_argument("--base-url", help="A running server for the simulated annotators (default: one "
                                                "started in this process)")
         parser.add_argument("--seed", type=int, default=0, help="Seeds the world, the noise and the round (default 0)")
         parser.add_argument("--fast", action="store_true", help="Tiny sizes: a smoke run of the machinery")
+        parser.add_argument("--sizes", default="{}",
+                            help='JSON over the sizes of webapp/loop.py LoopSizes, e.g. \'{"seed_world": 1200, '
+                                 '"stages": ["rejection_sampling", "sft", "ppo"]}\' (a recipe experiment)')
         parser.add_argument("--json", help="Also write the results to this file")
 
     def handle(self, *args, **o):
         sizes = FAST if o["fast"] else LoopSizes()
+        try:
+            sizes = dataclasses.replace(sizes, **json.loads(o["sizes"]))
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"--sizes: {error}") from None
         try:
             result = run_loop(policy=o["policy"], rm_base=o["rm_base"], sizes=sizes, seed=o["seed"],
                               base_url=o["base_url"], log=self.stdout.write)
