@@ -122,10 +122,10 @@ class RLHFRoundAdmin(admin.ModelAdmin):
     search_fields = ["policy_in__name", "=id"]
     list_select_related = ["policy_in", "checkpoint_out"]
     actions = ["cancel_selected", "resume_selected"]
-    readonly_fields = ["status", "current_stage", "progress", "progress_message", "error", "policy_in", "lineage_root",
-                       "helpfulness_rm", "safety_rm", "stages", "prompt_count", "config_json", "snapshot_hashes",
-                       "checkpoint_out", "verdict", "evaluation", "created_by", "created_at", "started_at",
-                       "finished_at", "ppo_curves", "figure7", "other_metrics"]
+    readonly_fields = ["status", "current_stage", "progress", "progress_message", "error", "verdict", "evaluation",
+                       "checkpoint_out", "policy_in", "lineage_root", "helpfulness_rm", "safety_rm", "stages",
+                       "prompt_count", "created_by", "created_at", "started_at", "finished_at", "ppo_curves",
+                       "figure7", "config_json", "snapshot_hashes", "other_metrics"]
     change_form_template = "admin/policy/rlhfround/change_form.html"
     change_list_template = "admin/policy/rlhfround/change_list.html"
 
