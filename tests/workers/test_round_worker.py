@@ -37,7 +37,7 @@ def world(worker_world, settings):
 
 def launch(world, config):
     return rounds.round_launch(policy=world["policy"], helpfulness_rm=world["helpful"], safety_rm=world["safety"],
-                               prompts=world["prompts"], config=config)
+                               prompts=world["prompts"], config=config, stages=["rejection_sampling", "sft", "ppo"])
 
 
 @pytest.mark.worker
