@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policy.stats import sign_test_p, wilson_interval  # noqa: F401 (tests import them from here too)
+
 
 @dataclass
 class LoopSizes:
@@ -71,21 +73,6 @@ QUICK = LoopSizes(
                                            "max_new_tokens": 8, "eval_every": 1, "checkpoint_every": 1},
             "next_batch": {"prompts": 2}},
     eval_prompts=8, eval_max_new_tokens=8)  # fmt: skip
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """P(at least `wins` successes in wins + losses fair coin flips): one-sided, exact."""
-    n = wins + losses
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 class _Phases:
