@@ -95,15 +95,9 @@ def demo_build_claim(*, build_id: int) -> DemoPolicyBuild | None:
     build = DemoPolicyBuild.objects.select_for_update().filter(pk=build_id).first()
     if build is None or not build.is_active:
         return None
-    fields = ["status", "progress_message"]
-    if build.status == JobStatus.QUEUED:
-        build.started_at = timezone.now()
-        fields.append("started_at")
-        build.progress_message = "Started: training the tokenizer."
-    else:
-        build.progress_message = f"Resuming (stopped during {build.phase or 'the start'})."
-    build.status = JobStatus.RUNNING
-    build.save(update_fields=fields)
+    message = ("Started: training the tokenizer." if build.status == JobStatus.QUEUED
+               else f"Resuming (stopped during {build.phase or 'the start'}).")
+    build.save(update_fields=build.set_running(message=message))
     return build
 
 

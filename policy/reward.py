@@ -207,14 +207,14 @@ class OracleReward:
 
         helpful, safety = [], []
         for prompt, response in zip(prompts, responses):
-            verdict = judge(_OraclePrompt.of(prompt), response, self.world)
+            verdict = judge(OraclePrompt.of(prompt), response, self.world)
             helpful.append(logit(min(max(verdict.helpful_score, self.eps), 1 - self.eps)))
             safety.append(logit(1 - self.eps) if verdict.safe else logit(self.eps))
         return torch.tensor(helpful, dtype=torch.float64), torch.tensor(safety, dtype=torch.float64)
 
 
 @dataclass
-class _OraclePrompt:
+class OraclePrompt:
     """What demo_world.as_world_prompt reads: the last user turn, the turns before it, the safety tag."""
 
     text: str
@@ -223,7 +223,7 @@ class _OraclePrompt:
     system_prompt: str
 
     @classmethod
-    def of(cls, prompt: Prompt) -> _OraclePrompt:
+    def of(cls, prompt: Prompt) -> OraclePrompt:
         system = [m["content"] for m in prompt.messages if m["role"] == "system"]
         turns = [dict(m) for m in prompt.messages if m["role"] != "system"]
         if not turns or turns[-1]["role"] != "user":

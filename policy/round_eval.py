@@ -61,7 +61,7 @@ def compare_scores(new: Sequence[float], old: Sequence[float], same: Sequence[bo
 def oracle_compare(prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str]) -> dict[str, Any] | None:
     """The demo world's oracle on the prompts it can read (None when it reads none of them)."""
     from policy.demo_world import default_world, judge, prefer
-    from policy.reward import _OraclePrompt
+    from policy.reward import OraclePrompt
 
     world = default_world()
     wins = losses = ties = 0
@@ -69,7 +69,7 @@ def oracle_compare(prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[
     new_helpful = old_helpful = 0.0
     for prompt, a, b in zip(prompts, new, old):
         try:
-            p = _OraclePrompt.of(prompt)
+            p = OraclePrompt.of(prompt)
             preference = prefer(p, a, b, world)
             va, vb = judge(p, a, world), judge(p, b, world)
         except ValueError:  # a prompt outside the demo world

@@ -309,15 +309,8 @@ def round_claim(*, round_id: int) -> RLHFRound:
     rnd = RLHFRound.objects.select_for_update().filter(pk=round_id).first()
     if rnd is None or rnd.status not in ACTIVE_STATUSES:
         raise RoundNotRunnable(f"round {round_id} is {'gone' if rnd is None else rnd.status}")
-    fields = ["status", "progress_message"]
-    if rnd.status == JobStatus.QUEUED:
-        rnd.started_at = timezone.now()
-        fields.append("started_at")
-        rnd.progress_message = "Started."
-    else:
-        rnd.progress_message = f"Resuming at {rnd.current_stage or 'the start'}."
-    rnd.status = JobStatus.RUNNING
-    rnd.save(update_fields=fields)
+    message = "Started." if rnd.status == JobStatus.QUEUED else f"Resuming at {rnd.current_stage or 'the start'}."
+    rnd.save(update_fields=rnd.set_running(message=message))
     return rnd
 
 

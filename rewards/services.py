@@ -284,14 +284,9 @@ def reward_run_claim(*, run_id: int) -> RewardModelRun | None:
     run = RewardModelRun.objects.select_for_update().filter(pk=run_id).first()
     if run is None or not run.is_active:
         return None
-    fields = ["status", "progress_message"]
-    if run.status == JobStatus.QUEUED:
-        run.started_at = timezone.now()
-        fields.append("started_at")
-    run.status = JobStatus.RUNNING
-    run.progress_message = "Preparing the data and the model." if run.step == 0 else (
+    message = "Preparing the data and the model." if run.step == 0 else (
         f"Resuming after step {run.step} of {run.total_steps}.")
-    run.save(update_fields=fields)
+    run.save(update_fields=run.set_running(message=message))
     return run
 
 

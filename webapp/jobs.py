@@ -1,6 +1,7 @@
 """Fields every long-running job shares, so the UI can show live progress the same way."""
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 class JobStatus(models.TextChoices):
@@ -42,6 +43,17 @@ class Job(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+    def set_running(self, *, message: str) -> list[str]:
+        """Queued -> running (started now), or running again for a job whose worker died and which is
+        resumed; with the message. Returns the fields set, for save(update_fields=...). The caller holds
+        the row lock and has checked the job is active."""
+        fields = ["status", *self.set_progress(message=message)]
+        if self.status == JobStatus.QUEUED:
+            self.started_at = timezone.now()
+            fields.append("started_at")
+        self.status = JobStatus.RUNNING
+        return fields
 
     def set_progress(self, *, progress: float | None = None, message: str | None = None) -> list[str]:
         """Set the fraction done (clamped to 0..1) and the message (cut to fit); returns the fields set,
