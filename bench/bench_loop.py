@@ -27,7 +27,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +51,13 @@ class LoopSizes:
     round1: dict[str, Any] = field(default_factory=lambda: {
         "eval_fraction": 0.0, "rejection_sampling": {"k": 16, "temperature": 1.2, "top_p": 1.0, "max_new_tokens": 48,
                                                      "chunk_prompts": 64},
-        "sft": {"lr": 3e-4, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 16, "max_new_tokens": 48}})
+        "sft": {"lr": 3e-4, "epochs": 3, "batch_size": 16}, "next_batch": {"prompts": 16, "max_new_tokens": 48},
+        "evaluation": {"prompts": 0}})
     round2: dict[str, Any] = field(default_factory=lambda: {
         "eval_fraction": 0.2, "ppo": {"n_iterations": 30, "batch_size": 32, "mini_batch_size": 8,
                                       "max_new_tokens": 48, "kl_coef": 0.1, "lr": 5e-5, "value_lr": 1e-4,
                                       "eval_every": 5, "patience": 4, "checkpoint_every": 5},
-        "next_batch": {"prompts": 16, "max_new_tokens": 48}})
+        "next_batch": {"prompts": 16, "max_new_tokens": 48}, "evaluation": {"prompts": 0}})
     eval_prompts: int = 200  # held-out prompts for the oracle's win rate
     eval_temperature: float = 0.7
     eval_max_new_tokens: int = 48
@@ -68,10 +68,11 @@ QUICK = LoopSizes(
     world_comparisons=60, policy_prompts=24, rm_config={"max_seq_len": 128, "micro_batch_size": 8, "lr": 1e-3,
                                                         "checkpoint_every": 0, "mix": {"min_train_pairs": 4}},
     round_prompts=16, round1={"eval_fraction": 0.0, "rejection_sampling": {"k": 2, "max_new_tokens": 8},
-                              "sft": {"max_steps": 2, "batch_size": 4}, "next_batch": {"prompts": 2}},
+                              "sft": {"max_steps": 2, "batch_size": 4}, "next_batch": {"prompts": 2},
+                              "evaluation": {"prompts": 0}},
     round2={"eval_fraction": 0.25, "ppo": {"n_iterations": 2, "batch_size": 4, "mini_batch_size": 2,
                                            "max_new_tokens": 8, "eval_every": 1, "checkpoint_every": 1},
-            "next_batch": {"prompts": 2}},
+            "next_batch": {"prompts": 2}, "evaluation": {"prompts": 0}},
     eval_prompts=8, eval_max_new_tokens=8)  # fmt: skip
 
 
@@ -267,21 +268,6 @@ def _rm_summary(metrics: dict[str, Any]) -> dict[str, Any]:
             "eval_n": overall.get("n") if isinstance(overall, dict) else None}
 
 
-def _serve(host: str = "127.0.0.1") -> tuple[str, Any]:
-    """The Django app on a thread (wsgiref), for the simulated annotator's HTTP requests."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    from django.core.wsgi import get_wsgi_application
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = make_server(host, 0, get_wsgi_application(), handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://{host}:{server.server_port}", server
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--var", default=None, help="Scratch var folder (default: a new temporary one)")
@@ -341,11 +327,10 @@ def main(argv: list[str] | None = None) -> None:
                      "cpu_s": round(time.process_time() - started_cpu, 1)}
         services.demo_checkpoints_register(built=built)
     start = Checkpoint.objects.get(name=args.start)
-    base_url, server = _serve()
-    try:
+    from webapp.loop import app_server
+
+    with app_server() as base_url:  # the app on a thread, for the simulated annotator's HTTP requests
         result = run_loop(base_url=base_url, start=start, sizes=sizes)
-    finally:
-        server.shutdown()
     result.update(demo_build=build, start=args.start, machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                   load_average_end=os.getloadavg(), command=" ".join([sys.executable, "-m", "bench.bench_loop",

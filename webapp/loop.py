@@ -43,7 +43,7 @@ FAST = LoopSizes(
 
 
 @contextmanager
-def _server(base_url: str | None):
+def app_server(base_url: str | None = None):
     """The given server, or the app on a thread of this process (wsgiref) for the simulated annotators."""
     if base_url:
         yield base_url.rstrip("/")
@@ -102,7 +102,7 @@ def run_loop(*, policy: str, rm_base: str, sizes: LoopSizes, seed: int = 0, base
             if job is not None:  # a worker that also gets the job pairs nothing twice (generation_pair_record)
                 made = generate_responses(job.pk)
                 log(f"The default arms answered {job.prompts.count()} demo-world prompts: {made} comparisons.")
-    with step("simulated judgments"), _server(base_url) as url:
+    with step("simulated judgments"), app_server(base_url) as url:
         out = io.StringIO()
         call_command("simulate_annotators", "--base-url", url, "--annotators", str(sizes.annotators),
                      "--items", str(sizes.items), "--seed-world", str(sizes.seed_world), "--seed", str(seed),
